@@ -1,0 +1,77 @@
+# edgesink: set-up, chat, tests. Every target sets up whatever is missing first and skips what is done.
+#
+#   make chat      set up, then chat with the default model
+#   make test      set up, then run the test suite
+#   make setup     only set up (.venv with the patched llama.cpp, bindings and the default model)
+#
+# GPU builds: CMAKE_ARGS="-DGGML_CUDA=on" make setup   (or -DGGML_METAL=on, -DGGML_VULKAN=on)
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+NATIVE_INPUTS := CMakeLists.txt pyproject.toml native/upstream.json native/upstream.py native/edgesink.c \
+                 native/include/edgesink.h $(wildcard native/patches/*.patch) models/registry.json
+DEFAULT_MODEL := models/cache/SmolLM2-135M-Instruct.Q4_1.gguf
+
+.PHONY: setup chat test test-fast patch-tree patches stock-lib asan clean
+
+setup: $(VENV)/.edgesink-installed $(DEFAULT_MODEL)
+
+chat: setup
+	$(VENV)/bin/edgesink chat $(ARGS)
+
+test: setup $(VENV)/.test-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup $(VENV)/.test-deps
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+$(VENV)/bin/python:
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "edgesink needs Python >= 3.11")'
+	$(PYTHON) -m venv $(VENV)
+
+# The pinned llama-cpp-python supplies only the Python bindings: LLAMA_BUILD=OFF compiles nothing,
+# the bindings load edgesink's patched libllama instead.
+$(VENV)/.bindings-installed: native/upstream.json | $(VENV)/bin/python
+	$(PIP) install "scikit-build-core>=0.10" numpy typing-extensions diskcache jinja2
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PIP) install "$$($(PY) native/upstream.py sdist)"
+	touch $@
+
+$(VENV)/.edgesink-installed: $(VENV)/.bindings-installed $(NATIVE_INPUTS)
+	$(PIP) install --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.test-deps: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install "pytest>=8" "hypothesis>=6" "pexpect>=4.9" "gguf>=0.10"
+	touch $@
+
+$(DEFAULT_MODEL): | $(VENV)/.edgesink-installed
+	$(VENV)/bin/edgesink pull smollm2-135m
+
+# Patch work: 'make patch-tree' gives build/patch-tree with each patch as a commit; edit and commit
+# there, then 'make patches' writes native/patches/ back from it.
+patch-tree: | $(VENV)/bin/python
+	$(PY) native/upstream.py prepare --dest build/patch-tree
+
+patches:
+	$(PY) native/upstream.py regenerate --dest build/patch-tree
+
+# The same CMake with the patches switched off, for side-by-side benchmarks (EDGESINK_LIB_PATH).
+stock-lib: | $(VENV)/bin/python
+	cmake -S . -B build/stock -G Ninja -DCMAKE_BUILD_TYPE=Release -DEDGESINK_PATCHES=OFF -DPython3_EXECUTABLE=$(abspath $(PY))
+	cmake --build build/stock -j
+	cmake --install build/stock --prefix build/stock --component edgesink
+
+# The patched library with AddressSanitizer and UBSan, and the shift tests run against it.
+asan: setup $(VENV)/.test-deps
+	cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLLAMA_SANITIZE_ADDRESS=ON \
+	      -DLLAMA_SANITIZE_UNDEFINED=ON -DGGML_OPENMP=OFF -DPython3_EXECUTABLE=$(abspath $(PY))
+	cmake --build build/asan -j
+	cmake --install build/asan --prefix build/asan --component edgesink
+	EDGESINK_LIB_PATH=build/asan/lib ASAN_OPTIONS=detect_leaks=0 \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	    $(PY) -m pytest tests/test_patch.py tests/test_sink_equivalence.py -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,96 @@
+"""The interactive loop of ``edgesink chat``: prompt, streamed replies, in-chat commands."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .errors import EdgesinkError
+
+HELP = """commands:
+  /reset        forget the conversation (the system prompt stays)
+  /stats        tokens seen, in cache, evictions, speed
+  /save FILE    save the session (cache and conversation)
+  /load FILE    load a saved session
+  /system TEXT  start over with a new system prompt
+  /help         this help
+  /exit         quit (or Ctrl-D)
+Ctrl-C stops a reply and keeps the session."""
+
+
+def run_chat(session, *, system: str | None, generation: dict, interactive: bool) -> None:
+    """Read messages (a prompt on a terminal, lines otherwise) and stream the replies."""
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        click.echo(f"edgesink chat - {session.model.path.name}, n_ctx {session.n_ctx}, policy {session.policy.name}. "
+                   "/help for commands, Ctrl-D to quit.", err=True)
+    session.start_chat(system)
+    lines = iter(sys.stdin.readline, "") if not interactive else None
+    while True:
+        try:
+            message = input(">>> ") if interactive else next(lines)
+        except (EOFError, StopIteration):
+            break
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            continue
+        message = message.rstrip("\n")
+        if not message.strip():
+            continue
+        if message.startswith("/"):
+            if run_command(session, message) == "exit":
+                break
+            continue
+        reply(session, message, generation)
+
+
+def reply(session, message: str, generation: dict) -> None:
+    try:
+        for piece in session.chat(message, **generation):
+            click.echo(piece, nl=False)
+    except KeyboardInterrupt:
+        click.echo(" [stopped]", nl=False)
+    click.echo()
+
+
+def run_command(session, line: str) -> str | None:
+    """Carry out one /command; returns "exit" to leave the chat."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    try:
+        if name in ("/exit", "/quit"):
+            return "exit"
+        if name == "/help":
+            click.echo(HELP)
+        elif name == "/reset":
+            session.reset()
+            click.echo("[conversation reset]")
+        elif name == "/stats":
+            click.echo(format_stats(session.stats))
+        elif name == "/system":
+            if not arg:
+                raise click.UsageError("/system needs the new system prompt")
+            session.start_chat(arg)
+            click.echo("[new system prompt; conversation started over]")
+        elif name in ("/save", "/load"):
+            if not arg:
+                raise click.UsageError(f"{name} needs a file name")
+            if name == "/save":
+                session.save(arg)
+                click.echo(f"[saved to {arg}]")
+            else:
+                session.load(arg)
+                click.echo(f"[loaded {arg}: {len(session.messages)} messages]")
+        else:
+            click.echo(f"unknown command {name}; /help lists them")
+    except (EdgesinkError, ValueError, OSError, click.UsageError) as e:
+        click.echo(f"error: {e}")
+    return None
+
+
+def format_stats(stats) -> str:
+    return (f"tokens seen {stats.tokens_seen}, in cache {stats.tokens_in_cache} (kept {stats.tokens_kept}), "
+            f"evicted {stats.evictions}, positions {stats.first_position}..{stats.last_position}, "
+            f"generate {stats.generate_tokens_per_s:.1f} tokens/s, feed {stats.feed_tokens_per_s:.0f} tokens/s")

@@ -1,0 +1,25 @@
+"""The exceptions edgesink raises. Every one says what went wrong and what to do about it."""
+
+
+class EdgesinkError(Exception):
+    """Base class of edgesink's own errors."""
+
+
+class ModelLoadError(EdgesinkError):
+    """A model file could not be loaded (missing, corrupt, or not a model llama.cpp can run)."""
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """No model file at the given path or under the given name."""
+
+
+class UnsupportedModelError(EdgesinkError, ValueError):
+    """The model cannot do what was asked (e.g. a policy that shifts the cache on a recurrent model)."""
+
+
+class ContextFullError(EdgesinkError):
+    """The `dense` policy ran out of cache: it never evicts."""
+
+
+class DecodeError(EdgesinkError):
+    """llama.cpp could not decode a batch (out of cache cells or memory)."""

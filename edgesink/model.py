@@ -1,0 +1,169 @@
+"""A loaded GGUF model: weights, vocabulary and metadata, shared by any number of sessions."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+from . import _native
+from ._native import C
+from .errors import ModelLoadError, ModelNotFoundError
+
+
+class Model:
+    """Weights loaded once; each :meth:`session` gets its own KV cache on top of them.
+
+    Use :func:`load` to make one. Close it (or use it as a context manager) to free the weights;
+    sessions created from it must be closed first.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, use_mmap: bool = True):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise ModelLoadError(f"{self.path} is a directory, not a GGUF model file")
+        if not self.path.exists():
+            raise ModelNotFoundError(f"no model file at {self.path}")
+        _native.warn_if_stock()
+        params = C.llama_model_default_params()
+        # -1 means "every layer": llama.cpp clamps it to the model's layer count.
+        params.n_gpu_layers = 2**31 - 1 if n_gpu_layers < 0 else n_gpu_layers
+        params.use_mmap = use_mmap
+        self._model = C.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            raise ModelLoadError(f"llama.cpp could not load {self.path}: not a valid GGUF model it supports")
+        self._vocab = C.llama_model_get_vocab(self._model)
+        self.n_vocab: int = C.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx_train: int = C.llama_model_n_ctx_train(self._model)
+        self.n_layer: int = C.llama_model_n_layer(self._model)
+        self.n_swa: int = C.llama_model_n_swa(self._model)
+        self.architecture: str = self.metadata("general.architecture") or "unknown"
+        self.add_bos: bool = bool(C.llama_vocab_get_add_bos(self._vocab))
+        self.bos_token: int = C.llama_vocab_bos(self._vocab)
+        self._piece_cache: dict[int, bytes] = {}
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    @property
+    def handle(self):
+        """The ``llama_model *`` (for the engine; raises once closed)."""
+        if not self._model:
+            raise ValueError("this model is closed")
+        return self._model
+
+    def close(self) -> None:
+        """Free the weights. Idempotent."""
+        if getattr(self, "_model", None):
+            C.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def session(self, **options) -> "Session":
+        """A new streaming session on this model; options as :class:`edgesink.Session`."""
+        from .session import Session
+
+        return Session(self, **options)
+
+    # -- metadata -----------------------------------------------------------------------------
+
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata value as text, or None when the key is absent."""
+        size = 256
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = C.llama_model_meta_val_str(self.handle, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own Jinja chat template from its metadata, if it has one."""
+        raw = C.llama_model_chat_template(self.handle, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    @property
+    def sha256(self) -> str:
+        """The file's sha256, cached by path, size and modification time (hashing is slow for big files)."""
+        from .registry import cached_sha256
+
+        return cached_sha256(self.path)
+
+    @property
+    def size_bytes(self) -> int:
+        return int(C.llama_model_size(self.handle))
+
+    def description(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        C.llama_model_desc(self.handle, buf, 256)
+        return buf.value.decode("utf-8", errors="replace")
+
+    # -- vocabulary ---------------------------------------------------------------------------
+
+    def tokenize(self, text: str | bytes, *, special: bool = False, add_bos: bool = False) -> list[int]:
+        """Token ids of ``text``.
+
+        ``special=False`` (the default) keeps strings such as ``<|im_start|>`` literal text, so
+        user input can never inject control tokens; only chat templates pass ``special=True``.
+        """
+        data = text.encode("utf-8", errors="replace") if isinstance(text, str) else bytes(text)
+        n_max = len(data) + 2
+        while True:
+            buf = (C.llama_token * n_max)()
+            n = C.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, special)
+            if n >= 0:
+                return list(buf[:n])
+            n_max = -n
+
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes of one token (may be part of a multi-byte character)."""
+        piece = self._piece_cache.get(token)
+        if piece is None:
+            self.check_token(token)
+            buf = ctypes.create_string_buffer(64)
+            n = C.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = C.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+            piece = self._piece_cache[token] = buf.raw[:n]
+        return piece
+
+    def token_text(self, token: int) -> str:
+        """A token as text, control tokens included (``<|im_end|>``), for templates."""
+        self.check_token(token)
+        buf = ctypes.create_string_buffer(256)
+        n = C.llama_token_to_piece(self._vocab, token, buf, 256, 0, True)
+        return buf.raw[:max(n, 0)].decode("utf-8", errors="replace")
+
+    def detokenize(self, tokens) -> str:
+        """Text of a token sequence (invalid UTF-8 replaced)."""
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self._vocab, token))
+
+    def check_token(self, token: int) -> None:
+        if not 0 <= int(token) < self.n_vocab:
+            raise ValueError(f"token id {token} is out of range: this model's vocabulary has {self.n_vocab} tokens")
+
+
+def load(model: "str | os.PathLike | Model", **options) -> Model:
+    """Load a model from a ``.gguf`` path or a registry name (see ``edgesink models``).
+
+    A :class:`Model` passed in is returned as it is.
+    """
+    if isinstance(model, Model):
+        return model
+    from .resolve import resolve_model
+
+    return Model(resolve_model(model), **options)

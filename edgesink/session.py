@@ -1,0 +1,607 @@
+"""A streaming session: an unbounded token stream through a bounded KV cache.
+
+``feed`` pushes text in, ``generate`` draws text out, ``score`` measures how well the model
+predicts text, and all three go through the same context policy, so what ``score`` reports is
+exactly what ``feed`` computes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from . import _native
+from ._native import C
+from .errors import UnsupportedModelError
+from .kvcache import StreamCache
+from .model import Model, load
+from .policies import ContextPolicy, make_policy
+from .sampling import Sampler, SamplingParams
+from .textstream import StopMatcher, Utf8Stream
+
+CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+TEXT_CHUNK_CHARS = 16_384  # long text is tokenized in pieces of about this size (bounded memory)
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One step of :meth:`Session.stream_generate`."""
+
+    text: str  # whole characters only; may be empty while a character or stop string is pending
+    token: int | None  # the sampled token (None on the final chunk)
+    finish_reason: str | None = None  # "stop" (end token), "stop_string", "length" on the last chunk
+
+
+@dataclass
+class SessionStats:
+    """A snapshot of what a session has done (``Session.stats``)."""
+
+    tokens_seen: int  # tokens that entered the stream, fed or generated
+    tokens_in_cache: int
+    tokens_kept: int  # sinks / pinned prompt
+    evictions: int  # tokens evicted so far
+    shifts: int  # K-shift events
+    rebases: int
+    refreshes: int
+    first_position: int  # llama.cpp positions of the oldest and newest cached token
+    last_position: int
+    decode_seconds: float
+    tokens_decoded: int
+    feed_tokens_per_s: float
+    generate_tokens_per_s: float
+    extra: dict = field(default_factory=dict)
+
+
+class Session:
+    """A stream of tokens through a bounded cache with a context policy.
+
+    Args:
+        model: a :class:`Model`, a ``.gguf`` path or a registry name (then the session owns it).
+        n_ctx: cache size in tokens; the stream itself is unbounded.
+        policy: ``"sink"`` (default), ``"window"``, ``"halve"``, ``"dense"``, ``"recompute"``,
+            or a policy object from :mod:`edgesink.policies`.
+        sinks: attention sinks kept for ``sink`` / ``halve`` (default 4).
+        evict_chunk: eviction granularity of ``sink`` / ``window`` (default 1, the paper's).
+        batch_size: tokens decoded per step while feeding (default n_ctx/16, at most 64). A batch
+            of b tokens needs b evictions first, so its first token sees only n_ctx - b older
+            tokens: keep b a small fraction of the window.
+        type_k, type_v: cache types (``f16`` default; ``q8_0``, ``f32``, ...).
+        flash_attn: True/False, or None to let llama.cpp decide.
+        n_threads: CPU threads (default: all cores).
+        shift_mode: ``"auto"`` (kept-forward with a patched libllama, else window-back),
+            ``"kept-forward"`` or ``"window-back"``; see :mod:`edgesink.kvcache`.
+        refresh_every: re-encode the kept tokens after this many shifts (kept-forward mode).
+        rebase_every: move positions back after this many evicted tokens (default n_ctx).
+    """
+
+    def __init__(self, model: "Model | str | os.PathLike", *, n_ctx: int = 2048,
+                 policy: "str | ContextPolicy" = "sink", sinks: int | None = None,
+                 evict_chunk: int | None = None, batch_size: int | None = None,
+                 type_k: str = "f16", type_v: str = "f16", flash_attn: bool | None = None,
+                 n_threads: int | None = None, shift_mode: str = "auto",
+                 refresh_every: int = 128, rebase_every: int | None = None):
+        self._owns_model = not isinstance(model, Model)
+        self.model = load(model)
+        try:
+            self.policy = make_policy(policy, sinks=sinks, evict_chunk=evict_chunk) if isinstance(policy, str) else policy
+            self.n_ctx = _check_n_ctx(self.model, n_ctx, type_k, type_v)
+            self.batch_size = batch_size if batch_size is not None else max(1, min(64, n_ctx // 16))
+            self.policy.validate(self.n_ctx, self.batch_size)
+            _check_positive("refresh_every", refresh_every)
+            rebase_every = n_ctx if rebase_every is None else rebase_every
+            _check_positive("rebase_every", rebase_every)
+            self.kept_forward = _kept_forward(shift_mode)
+            params = self._context_params(type_k, type_v, flash_attn, n_threads)
+            self._cache = StreamCache(self.model, params, capacity=self.n_ctx, kept_forward=self.kept_forward,
+                                      rebase_every=rebase_every, refresh_every=refresh_every)
+        except BaseException:
+            if self._owns_model:
+                self.model.close()
+            raise
+        self._check_shift_support()
+        self.type_k, self.type_v = type_k, type_v
+        self._n_keep_target = self.policy.sinks
+        self._utf8_in = Utf8Stream()
+        self._last_logits: np.ndarray | None = None
+        self._tokens_seen = 0
+        self._feed_time = [0, 0.0]
+        self._gen_time = [0, 0.0]
+        self._message_starts: deque[int] = deque()  # stream indices where chat messages begin
+        self._chat = None
+        self.last_end_token_text = ""
+
+    # -- construction helpers ------------------------------------------------------------------
+
+    def _context_params(self, type_k, type_v, flash_attn, n_threads):
+        p = C.llama_context_default_params()
+        p.n_ctx = self.n_ctx
+        p.n_batch = p.n_ubatch = max(self.batch_size, min(512, self.n_ctx))
+        p.n_seq_max = 2  # the stream, and a scratch sequence to re-encode the kept tokens
+        p.kv_unified = True  # one cache of n_ctx cells shared by both sequences
+        p.n_threads = p.n_threads_batch = n_threads or os.cpu_count() or 1
+        p.type_k, p.type_v = _cache_type(type_k), _cache_type(type_v)
+        p.flash_attn_type = {None: -1, True: 1, False: 0}[flash_attn]
+        # Sliding-window (iSWA) models keep only the last n_swa tokens by default, which cannot shift.
+        p.swa_full = self.model.n_swa > 0 and self.policy.shifts
+        p.no_perf = True
+        return p
+
+    def _check_shift_support(self) -> None:
+        if self.policy.shifts and not C.llama_memory_can_shift(self._cache.mem):
+            arch = self.model.architecture
+            self.close()
+            raise UnsupportedModelError(
+                f"policy {self.policy.name!r} moves cached tokens, but {arch} models cannot shift their "
+                "memory (recurrent, MLA or M-RoPE); use policy 'dense' or 'recompute'"
+            )
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the cache (and the model, if this session loaded it). Idempotent."""
+        if getattr(self, "_cache", None) is not None:
+            self._cache.close()
+            self._cache = None
+        if getattr(self, "_owns_model", False) and self.model is not None:
+            self.model.close()
+            self.model = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def reset(self) -> None:
+        """Forget the whole stream; settings stay."""
+        self._cache.clear()
+        self._utf8_in = Utf8Stream()
+        self._last_logits = None
+        self._tokens_seen = 0
+        self._n_keep_target = self.policy.sinks
+        self._message_starts.clear()
+        if self._chat is not None:
+            system, keep = self._chat.system, self._chat.keep_system
+            self._chat = None
+            self.start_chat(system, keep_system=keep)
+
+    # -- chat ----------------------------------------------------------------------------------
+
+    def start_chat(self, system: str | None = None, *, keep_system: bool = True) -> None:
+        """Begin a conversation (resetting the stream if it is not empty).
+
+        With ``keep_system`` the whole system prompt is kept in the cache like the sinks.
+        """
+        from .chat import Chat
+
+        if self._cache.n_cached:
+            self._chat = None
+            self.reset()
+        self._chat = Chat(self, system=system, keep_system=keep_system)
+
+    def chat(self, message: str, role: str = "user", **generation) -> Iterator[str]:
+        """Send a message and stream the reply (text pieces); starts a conversation if needed.
+
+        Generation settings as :meth:`stream_generate`; ``max_tokens`` defaults to 512.
+        """
+        if self._chat is None:
+            self.start_chat()
+        generation.setdefault("max_tokens", 512)
+        return self._chat.send(message, role=role, **generation)
+
+    @property
+    def messages(self) -> list[dict]:
+        """The conversation so far (empty outside chat)."""
+        return [dict(m) for m in self._chat.messages] if self._chat else []
+
+    def pin_prefix(self, n_tokens: int) -> None:
+        """Keep the first ``n_tokens`` of the stream for ever, like sinks (at least the policy's sinks)."""
+        if self._cache.counters.evicted:
+            raise ValueError("pin_prefix must be called before anything was evicted from the stream")
+        if not self.policy.evicts or self.policy.recomputes:
+            return
+        target = max(self.policy.sinks, n_tokens)
+        if target + self.batch_size > self.n_ctx:
+            raise ValueError(f"a pinned prefix of {n_tokens} tokens leaves no room in n_ctx {self.n_ctx}")
+        self._n_keep_target = target
+        self._cache.adopt_kept(target)
+
+    def mark_message_start(self) -> None:
+        """Record that the next token begins a message: evictions cut the window there."""
+        self._message_starts.append(self._tokens_seen)
+
+    def _align_to_message(self, n: int) -> int:
+        """Evict up to the start of a message rather than in the middle of one, when that fits."""
+        window_start = self._tokens_seen - self._cache.n_window
+        while self._message_starts and self._message_starts[0] < window_start + n:
+            self._message_starts.popleft()
+        if self._message_starts and self._message_starts[0] - window_start <= self._cache.n_window:
+            return self._message_starts[0] - window_start
+        return n
+
+    # -- feeding -------------------------------------------------------------------------------
+
+    def feed(self, text: "str | bytes") -> int:
+        """Push text into the stream; returns the number of tokens consumed.
+
+        Any length, any number of calls. Bytes that end mid-character are kept until the next
+        call. Text is tokenized in pieces split at whitespace, so memory stays bounded; special
+        token strings (``<|im_start|>``...) stay literal text.
+        """
+        n = 0
+        for piece in self._text_pieces(text):
+            n += self.feed_tokens(self.model.tokenize(piece))
+        return n
+
+    def feed_tokens(self, tokens: Iterable[int]) -> int:
+        """Push token ids into the stream; returns how many."""
+        tokens = self._checked_tokens(tokens)
+        start = time.perf_counter()
+        self._ingest(tokens, want=None)
+        self._count(self._feed_time, len(tokens), start)
+        return len(tokens)
+
+    def score(self, text: str) -> np.ndarray:
+        """Per-token negative log-likelihood (natural log) of ``text``, fed exactly as :meth:`feed` would.
+
+        Element i is the NLL of the text's i-th token given everything before it in the stream;
+        NaN for a first token that has nothing before it.
+        """
+        tokens: list[int] = []
+        for piece in self._text_pieces(text):
+            tokens += self.model.tokenize(piece)
+        return self.score_tokens(tokens)
+
+    def score_tokens(self, tokens: Iterable[int], positions: Iterable[int] | None = None) -> np.ndarray:
+        """NLL of each token as it is fed; only at ``positions`` (indices) if given, NaN elsewhere.
+
+        Scoring a subset costs the same for the shifting policies, but for ``recompute`` only
+        the scored positions are re-computed (the benchmark scores it on a uniform sample).
+        """
+        tokens = self._checked_tokens(tokens)
+        scored = np.ones(len(tokens), dtype=bool) if positions is None else _mask(positions, len(tokens))
+        nll = np.full(len(tokens), np.nan)
+        start = time.perf_counter()
+        self._ingest(tokens, want=scored, nll=nll)
+        self._count(self._feed_time, len(tokens), start)
+        return nll
+
+    def _text_pieces(self, text: "str | bytes") -> Iterator[str]:
+        if isinstance(text, str):
+            # Lone surrogates cannot be encoded; they become U+FFFD like invalid UTF-8 bytes.
+            data = text.encode("utf-8", errors="replace") if _has_surrogates(text) else None
+            text = self._utf8_in.push(data) if data is not None else text
+        else:
+            text = self._utf8_in.push(bytes(text))
+        start = 0
+        while start < len(text):
+            end = min(len(text), start + TEXT_CHUNK_CHARS)
+            if end < len(text):
+                split = text.rfind(" ", start + 1, end)
+                end = split if split > start else end
+            yield text[start:end]
+            start = end
+
+    def _checked_tokens(self, tokens: Iterable[int]) -> list[int]:
+        tokens = [int(t) for t in tokens]
+        bad = next((t for t in tokens if not 0 <= t < self.model.n_vocab), None)
+        if bad is not None:
+            self.model.check_token(bad)
+        return tokens
+
+    # -- the one path every token takes ---------------------------------------------------------
+
+    def _ingest(self, tokens: list[int], want: np.ndarray | None, nll: np.ndarray | None = None) -> None:
+        """Evict as the policy says, then decode. ``want[i]``: the NLL of token i is wanted."""
+        if self.policy.recomputes:
+            self._ingest_recomputing(tokens, want, nll)
+            return
+        cache = self._cache
+        if not self.policy.evicts:
+            # A policy that never evicts refuses the whole input up front, so nothing is half-consumed.
+            self.policy.evictions(self.n_ctx, cache.n_kept, cache.n_window, len(tokens))
+        for start in range(0, len(tokens), self.batch_size):
+            batch = tokens[start:start + self.batch_size]
+            if want is not None:
+                # Before evicting: a rebase or refresh during eviction overwrites the context's logits.
+                self._score_first(batch[0], want[start], nll, start)
+            n_evict = self.policy.evictions(self.n_ctx, cache.n_kept, cache.n_window, len(batch))
+            if n_evict and self._message_starts:
+                n_evict = self._align_to_message(n_evict)
+            cache.evict(n_evict)
+            # Row j's logits predict token j+1; the last row is kept for what comes next.
+            logits_for = np.zeros(len(batch), dtype=np.int8)
+            logits_for[-1] = 1
+            if want is not None:
+                logits_for[:-1] = want[start + 1:start + len(batch)]
+            cache.append(batch, logits_for, self._n_keep_target)
+            self._tokens_seen += len(batch)
+            if want is not None:
+                rows = cache.logits_rows(int(logits_for.sum()))
+                self._score_rows(batch, logits_for, rows, nll, start)
+                self._last_logits = rows[-1]
+            else:
+                self._last_logits = None
+
+    def _ingest_recomputing(self, tokens, want, nll) -> None:
+        cache = self._cache
+        for i, token in enumerate(tokens):
+            if want is not None:
+                self._score_first(token, want[i], nll, i)
+            cache.drop_oldest(self.policy.evictions(self.n_ctx, 0, cache.n_window, 1))
+            cache.push_uncomputed(token)  # computed lazily, only where logits are needed
+            self._tokens_seen += 1
+            self._last_logits = None
+
+    def _score_first(self, token: int, wanted: bool, nll: np.ndarray, index: int) -> None:
+        """The NLL of a token predicted by logits from before its batch."""
+        if not wanted:
+            return
+        logits = self._current_logits()
+        if logits is not None:
+            nll[index] = _nll(logits[None, :], np.array([token]))[0]
+
+    def _score_rows(self, batch, logits_for, rows, nll, offset) -> None:
+        predicted = np.flatnonzero(logits_for[:-1])  # row k predicts token predicted[k] + 1
+        if len(predicted):
+            targets = np.asarray(batch)[predicted + 1]
+            nll[offset + predicted + 1] = _nll(rows[: len(predicted)], targets)
+
+    def _current_logits(self) -> np.ndarray | None:
+        """Logits predicting the next token, computing them if needed; None for an empty stream."""
+        if self._last_logits is not None:
+            return self._last_logits
+        if self._cache.n_cached == 0:
+            return None
+        self._ensure_context_logits()
+        self._last_logits = self._cache.last_logits()
+        return self._last_logits
+
+    def _ensure_context_logits(self) -> None:
+        """Make the context hold logits for the newest token (recompute's lazy feed, a restore)."""
+        cache = self._cache
+        if cache.has_logits:
+            return
+        if self.policy.recomputes:
+            cache.rebuild()
+        else:
+            cache.redecode_newest()
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def stream_generate(self, max_tokens: int | None = 200, *, stop: Iterable[str] = (),
+                        **sampling) -> Iterator[GenerationChunk]:
+        """Generate after the stream so far, one :class:`GenerationChunk` per token.
+
+        ``max_tokens=None`` generates without end (the cache evicts as it goes). Sampling
+        settings are those of :class:`SamplingParams` (temperature, top_k, top_p, min_p,
+        repeat_penalty, seed). Ends at an end-of-generation token, a stop string or max_tokens.
+        """
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 (or None for endless), got {max_tokens}")
+        params = SamplingParams(**sampling)
+        if self._cache.n_cached == 0:
+            raise ValueError("nothing to continue: feed a prompt first")
+        utf8, stops = Utf8Stream(), StopMatcher(stop)
+        n = 0
+        with Sampler(params) as sampler:
+            while max_tokens is None or n < max_tokens:
+                start = time.perf_counter()
+                self._ensure_context_logits()
+                token = sampler.sample(self._cache.ctx)
+                self._ingest([token], want=None)
+                self._count(self._gen_time, 1, start)
+                n += 1
+                if self.model.is_end_of_generation(token):
+                    self.last_end_token_text = self.model.token_text(token)
+                    yield GenerationChunk(stops.flush() + utf8.flush(), None, "stop")
+                    return
+                text, stopped = stops.push(utf8.push(self.model.token_bytes(token)))
+                if stopped:
+                    yield GenerationChunk(text, token, "stop_string")
+                    return
+                yield GenerationChunk(text, token)
+        yield GenerationChunk(stops.push(utf8.flush())[0] + stops.flush(), None, "length")
+
+    def generate(self, max_tokens: int | None = 200, *, stop: Iterable[str] = (), **sampling) -> Iterator[str]:
+        """Text pieces as they are generated (see :meth:`stream_generate`)."""
+        for chunk in self.stream_generate(max_tokens, stop=stop, **sampling):
+            if chunk.text:
+                yield chunk.text
+
+    def generate_text(self, max_tokens: int | None = 200, *, stop: Iterable[str] = (), **sampling) -> str:
+        """The whole generated text at once."""
+        return "".join(self.generate(max_tokens, stop=stop, **sampling))
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def save(self, path: "str | os.PathLike") -> None:
+        """Save the session (cache, bookkeeping, conversation) to ``path`` atomically."""
+        from .persistence import save_session
+
+        save_session(self, path)
+
+    def load(self, path: "str | os.PathLike") -> None:
+        """Replace this session's stream with one saved by :meth:`save` (same model and settings).
+
+        Raises :class:`edgesink.persistence.SessionFileError` naming the cause; the session is
+        then unchanged and usable.
+        """
+        from .persistence import load_session
+
+        load_session(self, path)
+
+    @classmethod
+    def restore(cls, path: "str | os.PathLike", model: "Model | str | os.PathLike", **options) -> "Session":
+        """A new session continuing the stream saved at ``path``, with the settings it was saved with."""
+        from .persistence import read_session_file
+
+        header, _ = read_session_file(path)
+        policy = header["policy"]
+        settings = {"n_ctx": header["n_ctx"], "policy": policy["name"], "type_k": header["type_k"],
+                    "type_v": header["type_v"], **options}
+        if policy["name"] in ("sink", "halve"):
+            settings.setdefault("sinks", policy["sinks"])
+        if policy["name"] in ("sink", "window") and policy.get("evict_chunk"):
+            settings.setdefault("evict_chunk", policy["evict_chunk"])
+        session = cls(model, **settings)
+        try:
+            session.load(path)
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    def _saved_state(self) -> dict:
+        cache, chat = self._cache, self._chat
+        return {
+            "kept": cache.kept, "window": list(cache.window), "w0": cache.w0,
+            "tokens_seen": self._tokens_seen, "n_keep_target": self._n_keep_target,
+            "pending_utf8": self._utf8_in.pending.hex(), "message_starts": list(self._message_starts),
+            "last_end_token_text": self.last_end_token_text,
+            "counters": vars(cache.counters).copy(),
+            "chat": None if chat is None else {"system": chat.system, "keep_system": chat.keep_system,
+                                                "messages": chat.messages, "fed": chat._fed},
+        }
+
+    def _validate_saved_state(self, state: dict) -> None:
+        from .persistence import SessionFileError
+
+        try:
+            tokens = list(state["kept"]) + list(state["window"])
+            ok = (len(tokens) <= self.n_ctx and all(isinstance(t, int) and 0 <= t < self.model.n_vocab for t in tokens)
+                  and isinstance(state["w0"], int) and state["w0"] >= len(state["kept"])
+                  and 0 <= state["n_keep_target"] < self.n_ctx and state["tokens_seen"] >= len(tokens))
+            bytes.fromhex(state["pending_utf8"])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise SessionFileError("the session file's bookkeeping is inconsistent; refusing it")
+
+    def _apply_saved_state(self, state: dict) -> None:
+        from .chat import Chat
+
+        cache = self._cache
+        cache.kept = list(state["kept"])
+        cache.window = deque(state["window"])
+        cache.w0 = state["w0"]
+        cache.has_logits = False
+        for key, value in state["counters"].items():
+            setattr(cache.counters, key, value)
+        self._tokens_seen = state["tokens_seen"]
+        self._n_keep_target = state["n_keep_target"]
+        self._utf8_in = Utf8Stream(bytes.fromhex(state["pending_utf8"]))
+        self._message_starts = deque(state["message_starts"])
+        self.last_end_token_text = state["last_end_token_text"]
+        self._last_logits = None
+        self._chat = None
+        if state["chat"] is not None:
+            saved = state["chat"]
+            self._chat = Chat(self, system=None, keep_system=saved["keep_system"])
+            self._chat.system, self._chat.messages, self._chat._fed = saved["system"], saved["messages"], saved["fed"]
+
+    # -- introspection ---------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> SessionStats:
+        cache = self._cache
+        c = cache.counters
+        first, last = cache.llama_pos_range()
+        return SessionStats(
+            tokens_seen=self._tokens_seen, tokens_in_cache=cache.n_cached, tokens_kept=cache.n_kept,
+            evictions=c.evicted, shifts=c.shifts, rebases=c.rebases, refreshes=c.refreshes,
+            first_position=first, last_position=last,
+            decode_seconds=c.decode_seconds, tokens_decoded=c.tokens_decoded,
+            feed_tokens_per_s=_rate(self._feed_time), generate_tokens_per_s=_rate(self._gen_time),
+            extra={"policy": self.policy.name, "n_ctx": self.n_ctx, "kept_forward": cache.kept_forward,
+                   "rebuilds": c.rebuilds},
+        )
+
+    def cached_tokens(self) -> list[int]:
+        """The tokens in the cache, in stream order (kept first, then the window)."""
+        return self._cache.tokens()
+
+    @staticmethod
+    def _count(counter: list, n: int, start: float) -> None:
+        counter[0] += n
+        counter[1] += time.perf_counter() - start
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per row, in float64 for stability."""
+    logits = logits.astype(np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    return log_z - logits[np.arange(len(targets)), targets]
+
+
+def _mask(positions: Iterable[int], n: int) -> np.ndarray:
+    mask = np.zeros(n, dtype=bool)
+    idx = np.fromiter(positions, dtype=np.int64)
+    if len(idx) and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f"positions must be token indices in [0, {n})")
+    mask[idx] = True
+    return mask
+
+
+def _rate(counter: list) -> float:
+    return counter[0] / counter[1] if counter[1] > 0 else 0.0
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _cache_type(name: str) -> int:
+    if name not in CACHE_TYPES:
+        raise ValueError(f"unknown cache type {name!r}; choose one of {', '.join(CACHE_TYPES)}")
+    return CACHE_TYPES[name]
+
+
+def _kept_forward(shift_mode: str) -> bool:
+    if shift_mode == "auto":
+        return _native.patch_level() > 0
+    if shift_mode in ("kept-forward", "window-back"):
+        return shift_mode == "kept-forward"
+    raise ValueError(f"shift_mode must be 'auto', 'kept-forward' or 'window-back', got {shift_mode!r}")
+
+
+def _check_n_ctx(model: Model, n_ctx: int, type_k: str, type_v: str) -> int:
+    if not isinstance(n_ctx, int) or n_ctx < 2:
+        raise ValueError(f"n_ctx must be an integer >= 2, got {n_ctx!r}")
+    if model.n_ctx_train and n_ctx > model.n_ctx_train:
+        raise ValueError(
+            f"n_ctx {n_ctx} is larger than the {model.n_ctx_train} tokens {model.path.name} was trained on; "
+            "a longer stream needs no larger n_ctx: the cache evicts"
+        )
+    _cache_type(type_k), _cache_type(type_v)
+    kv_bytes = estimate_kv_bytes(model, n_ctx)
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if kv_bytes > physical:
+        raise ValueError(f"n_ctx {n_ctx} needs about {kv_bytes / 2**30:.1f} GiB of KV cache, more than this machine's memory")
+    return n_ctx
+
+
+def estimate_kv_bytes(model: Model, n_ctx: int, bytes_per_value: float = 2.0) -> int:
+    """Rough size of an F16 KV cache of n_ctx tokens (K and V, all layers)."""
+    n_embd = C.llama_model_n_embd(model.handle)
+    n_head = max(1, C.llama_model_n_head(model.handle))
+    n_head_kv = C.llama_model_n_head_kv(model.handle) or n_head
+    return int(2 * n_ctx * model.n_layer * (n_embd // n_head) * n_head_kv * bytes_per_value)

@@ -1,0 +1,53 @@
+"""Shared fixtures: the real default model, a real long text, and an isolated user world."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def isolated_world(tmp_path_factory, monkeypatch):
+    """Caches and the Hub point into a temporary folder; the network is never used."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: no accidental network
+    # The default model and the corpus stay where set-up put them (git-ignored folders of the checkout).
+    monkeypatch.setenv("EDGESINK_MODELS_DIR", str(REPO / "models" / "cache"))
+    monkeypatch.setenv("EDGESINK_CORPUS_DIR", os.environ.get("EDGESINK_CORPUS_DIR", str(REPO / "benchmarks" / ".cache")))
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    from edgesink.registry import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def model(model_path):
+    import edgesink
+
+    m = edgesink.load(model_path)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="session")
+def prose() -> str:
+    """Real long English prose (Jane Austen's novels), fetched by set-up."""
+    from edgesink.corpus import austen_text
+
+    return austen_text()
+
+
+@pytest.fixture(scope="session")
+def prose_tokens(model, prose) -> list[int]:
+    """The first ~260,000 tokens of the prose."""
+    return model.tokenize(prose[:1_100_000])
