@@ -13,6 +13,8 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 NATIVE_INPUTS := CMakeLists.txt pyproject.toml native/upstream.json native/upstream.py native/edgesink.c \
                  native/include/edgesink.h $(wildcard native/patches/*.patch) models/registry.json
 DEFAULT_MODEL := models/cache/SmolLM2-135M-Instruct.Q4_1.gguf
+CORPUS        := benchmarks/.cache/austen.txt
+STOCK_LIB     := build/stock/lib/libllama.so
 
 .PHONY: setup chat test test-fast patch-tree patches stock-lib asan clean
 
@@ -21,11 +23,15 @@ setup: $(VENV)/.edgesink-installed $(DEFAULT_MODEL)
 chat: setup
 	$(VENV)/bin/edgesink chat $(ARGS)
 
-test: setup $(VENV)/.test-deps
+test: setup $(VENV)/.test-deps $(CORPUS) $(STOCK_LIB)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup $(VENV)/.test-deps
+test-fast: setup $(VENV)/.test-deps $(CORPUS) $(STOCK_LIB)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Long real prose for quality tests and the benchmark (Jane Austen, from a Debian package).
+$(CORPUS): | $(VENV)/.edgesink-installed
+	$(PY) -c "from edgesink.corpus import austen_path; print(austen_path())"
 
 $(VENV)/bin/python:
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "edgesink needs Python >= 3.11")'
@@ -57,8 +63,9 @@ patch-tree: | $(VENV)/bin/python
 patches:
 	$(PY) native/upstream.py regenerate --dest build/patch-tree
 
-# The same CMake with the patches switched off, for side-by-side benchmarks (EDGESINK_LIB_PATH).
-stock-lib: | $(VENV)/bin/python
+# The same CMake with the patches switched off, for side-by-side tests and benchmarks (EDGESINK_LIB_PATH).
+stock-lib: $(STOCK_LIB)
+$(STOCK_LIB): $(NATIVE_INPUTS) | $(VENV)/.bindings-installed
 	cmake -S . -B build/stock -G Ninja -DCMAKE_BUILD_TYPE=Release -DEDGESINK_PATCHES=OFF -DPython3_EXECUTABLE=$(abspath $(PY))
 	cmake --build build/stock -j
 	cmake --install build/stock --prefix build/stock --component edgesink

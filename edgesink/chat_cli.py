@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
 from .errors import EdgesinkError
 
+PROMPT = ">>> "
+HISTORY_FILE = Path("~/.cache/edgesink/chat_history")
 HELP = """commands:
   /reset        forget the conversation (the system prompt stays)
   /stats        tokens seen, in cache, evictions, speed
   /save FILE    save the session (cache and conversation)
-  /load FILE    load a saved session
+  /load FILE    load a session saved with /save
   /system TEXT  start over with a new system prompt
   /help         this help
   /exit         quit (or Ctrl-D)
@@ -21,37 +24,44 @@ Ctrl-C stops a reply and keeps the session."""
 
 def run_chat(session, *, system: str | None, generation: dict, interactive: bool) -> None:
     """Read messages (a prompt on a terminal, lines otherwise) and stream the replies."""
+    session.start_chat(system)
     if interactive:
-        import readline  # noqa: F401  (line editing and history for input())
-
+        _setup_line_editing()
         click.echo(f"edgesink chat - {session.model.path.name}, n_ctx {session.n_ctx}, policy {session.policy.name}. "
                    "/help for commands, Ctrl-D to quit.", err=True)
-    session.start_chat(system)
-    lines = iter(sys.stdin.readline, "") if not interactive else None
-    while True:
-        try:
-            message = input(">>> ") if interactive else next(lines)
-        except (EOFError, StopIteration):
-            break
-        except KeyboardInterrupt:
-            click.echo("", err=True)
-            continue
-        message = message.rstrip("\n")
-        if not message.strip():
-            continue
-        if message.startswith("/"):
-            if run_command(session, message) == "exit":
+    lines = None if interactive else iter(sys.stdin.readline, "")
+    try:
+        while True:
+            try:
+                message = input(PROMPT) if interactive else next(lines)
+            except (EOFError, StopIteration):
                 break
-            continue
-        reply(session, message, generation)
+            except KeyboardInterrupt:  # at the prompt: a fresh line, nothing else
+                click.echo("")
+                continue
+            message = message.rstrip("\n")
+            if not message.strip():
+                continue
+            if message.startswith("/"):
+                if run_command(session, message) == "exit":
+                    break
+                continue
+            reply(session, message, generation)
+    finally:
+        if interactive:
+            click.echo("")
+            _save_history()
 
 
 def reply(session, message: str, generation: dict) -> None:
+    """Stream the reply to one message; Ctrl-C stops it and keeps what was said."""
     try:
         for piece in session.chat(message, **generation):
             click.echo(piece, nl=False)
     except KeyboardInterrupt:
         click.echo(" [stopped]", nl=False)
+    except EdgesinkError as e:
+        click.echo(f"error: {e}; /reset starts over", nl=False)
     click.echo()
 
 
@@ -60,7 +70,7 @@ def run_command(session, line: str) -> str | None:
     name, _, arg = line.partition(" ")
     arg = arg.strip()
     try:
-        if name in ("/exit", "/quit"):
+        if name in ("/exit", "/quit", "/bye"):
             return "exit"
         if name == "/help":
             click.echo(HELP)
@@ -77,12 +87,13 @@ def run_command(session, line: str) -> str | None:
         elif name in ("/save", "/load"):
             if not arg:
                 raise click.UsageError(f"{name} needs a file name")
+            path = Path(arg).expanduser()
             if name == "/save":
-                session.save(arg)
-                click.echo(f"[saved to {arg}]")
+                session.save(path)
+                click.echo(f"[saved to {path}]")
             else:
-                session.load(arg)
-                click.echo(f"[loaded {arg}: {len(session.messages)} messages]")
+                session.load(path)
+                click.echo(f"[loaded {path}: {len(session.messages)} messages]")
         else:
             click.echo(f"unknown command {name}; /help lists them")
     except (EdgesinkError, ValueError, OSError, click.UsageError) as e:
@@ -94,3 +105,27 @@ def format_stats(stats) -> str:
     return (f"tokens seen {stats.tokens_seen}, in cache {stats.tokens_in_cache} (kept {stats.tokens_kept}), "
             f"evicted {stats.evictions}, positions {stats.first_position}..{stats.last_position}, "
             f"generate {stats.generate_tokens_per_s:.1f} tokens/s, feed {stats.feed_tokens_per_s:.0f} tokens/s")
+
+
+def _setup_line_editing() -> None:
+    """Line editing and a history kept between chats (where Python has readline)."""
+    try:
+        import readline
+    except ImportError:
+        return
+    try:
+        readline.read_history_file(HISTORY_FILE.expanduser())
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+
+def _save_history() -> None:
+    try:
+        import readline
+
+        path = HISTORY_FILE.expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        readline.write_history_file(path)
+    except (ImportError, OSError):
+        pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -16,12 +17,13 @@ from .policies import POLICY_NAMES
 def session_options(fn):
     """Options shared by every command that opens a session."""
     options = [
-        click.argument("model", required=False),
-        click.option("--n-ctx", default=2048, show_default=True, help="Cache size in tokens (the stream is unbounded)."),
+        click.option("--n-ctx", type=click.IntRange(min=2), default=2048, show_default=True,
+                     help="Cache size in tokens (the stream itself is unbounded)."),
         click.option("--policy", type=click.Choice(POLICY_NAMES), default="sink", show_default=True,
                      help="What to evict when the cache is full."),
-        click.option("--sinks", type=int, default=None, help="Attention sinks kept (sink, halve) [default: 4]."),
-        click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]."),
+        click.option("--sinks", type=click.IntRange(min=0), default=None,
+                     help="Attention sinks kept by sink and halve (default 4)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)."),
         click.option("--n-gpu-layers", type=int, default=-1, show_default=True,
                      help="Layers offloaded to the GPU in GPU builds (-1: all)."),
         click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
@@ -34,14 +36,17 @@ def session_options(fn):
 def sampling_options(fn):
     """Options shared by every command that generates."""
     options = [
-        click.option("--temp", default=0.8, show_default=True, help="Sampling temperature (> 0)."),
-        click.option("--top-k", default=40, show_default=True, help="Top-k (1: greedy, 0: off)."),
-        click.option("--top-p", default=0.95, show_default=True),
-        click.option("--min-p", default=0.05, show_default=True),
-        click.option("--repeat-penalty", default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None, help="Random seed [default: random]."),
+        click.option("--temp", type=float, default=0.8, show_default=True,
+                     help="Sampling temperature (> 0; for greedy use --top-k 1)."),
+        click.option("--top-k", type=int, default=40, show_default=True, help="Keep the k likeliest tokens (1: greedy, 0: off)."),
+        click.option("--top-p", type=float, default=0.95, show_default=True, help="Nucleus sampling: keep this probability mass."),
+        click.option("--min-p", type=float, default=0.05, show_default=True,
+                     help="Drop tokens below this fraction of the likeliest one's probability."),
+        click.option("--repeat-penalty", type=float, default=1.0, show_default=True,
+                     help="Penalty for recently seen tokens (1: off)."),
+        click.option("--seed", type=int, default=None, help="Random seed for reproducible output (default: random)."),
         click.option("--max-tokens", type=int, default=512, show_default=True,
-                     help="Tokens per reply; -1: without end (until Ctrl-C)."),
+                     help="Tokens per reply; -1: no limit (until Ctrl-C or the model ends)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -61,36 +66,64 @@ def friendly_errors(fn):
     return wrapper
 
 
-def open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, **extra):
+def open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose):
     from .model import load
     from .session import Session
 
     _native.set_verbose(verbose)
     return Session(load(model, n_gpu_layers=n_gpu_layers), n_ctx=n_ctx, policy=policy, sinks=sinks,
-                   n_threads=threads, **extra)
+                   n_threads=threads)
 
 
 def sampling_from(temp, top_k, top_p, min_p, repeat_penalty, seed, max_tokens) -> dict:
+    """Generation settings for Session.generate / Session.chat, checked before a model is loaded."""
+    from .sampling import SamplingParams
+
     if max_tokens == 0 or max_tokens < -1:
-        raise click.BadParameter("must be >= 1, or -1 for no limit", param_hint="--max-tokens")
-    return {"temperature": temp, "top_k": top_k, "top_p": top_p, "min_p": min_p,
-            "repeat_penalty": repeat_penalty, "seed": seed, "max_tokens": None if max_tokens == -1 else max_tokens}
+        raise click.BadParameter("must be >= 1, or -1 for no limit", param_hint="'--max-tokens'")
+    settings = {"temperature": temp, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+                "repeat_penalty": repeat_penalty, "seed": seed}
+    try:
+        SamplingParams(**settings)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    return {**settings, "max_tokens": None if max_tokens == -1 else max_tokens}
 
 
-@click.group()
+def stream_out(pieces) -> None:
+    """Print text pieces as they come; Ctrl-C stops them quietly."""
+    try:
+        for piece in pieces:
+            click.echo(piece, nl=False)
+    except KeyboardInterrupt:
+        pass
+    click.echo()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgesink")
 def main():
     """edgesink: run a GGUF model on an endless stream of text, with attention sinks.
 
-    MODEL is a .gguf path, a registry name (see 'edgesink models') or a Hugging Face spec
-    (owner/repo:QUANT or owner/repo/file.gguf); it defaults to the built-in SmolLM2-135M.
+    The KV cache holds n_ctx tokens; when it is full the oldest tokens are evicted and a few
+    "attention sinks" (the first tokens) are kept, so a chat or a stream never stops.
+
+    MODEL is a .gguf path, a registry name (see 'edgesink models') or a Hugging Face spec,
+    owner/repo:QUANT or owner/repo/file.gguf; it defaults to the built-in SmolLM2-135M.
+
+    \b
+    Examples:
+      edgesink chat
+      edgesink chat Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M --system "Answer briefly."
+      edgesink generate -p "Once upon a time" --max-tokens -1
+      edgesink feed book.txt --then "In summary," --save book.state
     """
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def info(as_json):
-    """Versions, the loaded libllama (patched or not), backends, devices, the default model."""
+    """Versions, libllama (patched or not), devices, the default model."""
     from .info import format_info, system_info
 
     data = system_info()
@@ -101,81 +134,160 @@ def info(as_json):
 @click.argument("spec")
 @friendly_errors
 def pull(spec):
-    """Fetch a model (registry name or Hub spec) into the local cache and print its path."""
+    """Fetch a model into the local cache and print its path.
+
+    SPEC is a registry name (see 'edgesink models') or a Hugging Face spec: owner/repo:QUANT
+    picks the repo's GGUF for that quantization (default Q4_K_M), owner/repo/file.gguf names
+    the file. Split models are fetched whole. Each file's sha256 is checked against the Hub's.
+    """
     from .hub import pull_model
 
     click.echo(pull_model(spec))
 
 
 @main.command()
+@friendly_errors
 def models():
-    """The registry of known models, and which are fetched here (with sizes)."""
+    """Known models and the models fetched here, with sizes."""
+    from .hub import cached_models, hub_cache_dir
     from .registry import load_registry
 
+    cached = cached_models()
+    by_file = {(repo, name): (path, size) for repo, name, path, size in cached}
+    click.echo("Registry ('edgesink pull NAME' fetches one; NAME works wherever MODEL does):")
     for entry in load_registry().values():
-        path = entry.local_path
-        where = f"{path} ({path.stat().st_size / 1e6:.0f} MB)" if path.exists() else "not fetched"
-        click.echo(f"{entry.name:16s} {entry.description}\n{'':16s} {entry.repo}/{entry.file} - {where}")
+        if entry.pypi:
+            path = entry.local_path
+            found = (path, path.stat().st_size) if path.exists() else None
+        else:
+            found = by_file.pop((entry.repo, entry.file), None)
+        where = f"{found[0]} ({_size(found[1])})" if found else "not fetched"
+        click.echo(f"  {entry.name:14s} {entry.description}\n  {'':14s} {entry.repo}/{entry.file}: {where}")
+    if by_file:
+        click.echo(f"\nOther models in the Hugging Face cache ({hub_cache_dir()}):")
+        for (repo, name), (path, size) in sorted(by_file.items()):
+            click.echo(f"  {repo}/{name}  {_size(size)}  {path}")
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
 
 
 @main.command()
+@click.argument("model", required=False)
 @session_options
 @sampling_options
-@click.option("-p", "--prompt", default=None, help="The text to continue [default: standard input].")
+@click.option("-p", "--prompt", default=None, help="The text to continue (default: standard input).")
 @friendly_errors
 def generate(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, prompt, **sampling):
-    """Continue a prompt (plain text, no chat template)."""
+    """Continue a prompt: plain text, no chat template.
+
+    With --max-tokens -1 it goes on without end, through as many cache evictions as it takes,
+    until Ctrl-C.
+    """
     generation = sampling_from(**sampling)
+    if prompt is None and sys.stdin.isatty():
+        click.echo("Type the prompt, then Ctrl-D:", err=True)
     text = prompt if prompt is not None else sys.stdin.read()
+    if not text:
+        raise click.UsageError("nothing to continue: give a prompt with -p or on standard input")
     with open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose) as session:
         session.feed(text)
-        try:
-            for piece in session.generate(**generation):
-                click.echo(piece, nl=False)
-        except KeyboardInterrupt:
-            pass
-        click.echo()
+        stream_out(session.generate(**generation))
 
 
 @main.command()
+@click.argument("args", nargs=-1, metavar="[MODEL] [FILE]...")
 @session_options
-@click.argument("files", nargs=-1, type=click.File("rb"))
-@click.option("--save", "save_path", default=None, help="Save the session here afterwards.")
-@click.option("--then", "then_prompt", default=None, help="Generate after feeding, from this prompt.")
+@click.option("--then", "then_prompt", default=None, help="Afterwards, feed this text and generate a continuation.")
+@click.option("--save", "save_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Save the session to this file at the end.")
 @sampling_options
 @friendly_errors
-def feed(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, files, save_path, then_prompt, **sampling):
-    """Stream FILES (or '-' for standard input) through a session and print its stats."""
+def feed(args, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, then_prompt, save_path, **sampling):
+    """Stream text files through a session and print the stats.
+
+    Any amount of text goes through at constant memory. FILE may be '-' for standard input, which is also read when no FILE is given. The first
+    argument is the MODEL when it names one (a .gguf file, a registry name or a Hub spec).
+    Progress (tokens, tokens/s, evictions) goes to standard error. --save keeps the session to
+    continue later (e.g. with the Python API's Session.restore).
+    """
     from .feeding import feed_files
 
     generation = sampling_from(**sampling)
-    with open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose) as session:
-        feed_files(session, files or [click.get_binary_stream("stdin")])
-        if then_prompt:
-            session.feed(then_prompt)
-            for piece in session.generate(**generation):
-                click.echo(piece, nl=False)
-            click.echo()
-        if save_path:
-            session.save(save_path)
-            click.echo(f"saved to {save_path}", err=True)
+    model, names = split_model_and_files(args)
+    opened = [open_input(name) for name in names if name != "-"]
+    stdin = getattr(sys.stdin, "buffer", sys.stdin)
+    files = [stdin if name == "-" else opened.pop(0) for name in names] or [stdin]
+    try:
+        with open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose) as session:
+            feed_files(session, files, out=sys.stderr)
+            if then_prompt:
+                session.feed(then_prompt)
+                stream_out(session.generate(**generation))
+            if save_path:
+                session.save(save_path)
+                click.echo(f"saved the session to {save_path}", err=True)
+    finally:
+        for f in files:
+            if f is not stdin:
+                f.close()
+
+
+def looks_like_model(text: str) -> bool:
+    """A .gguf path, a registry name or a Hub spec (and not an existing text file)."""
+    from .hub import is_hub_spec
+    from .registry import load_registry
+
+    if text == "-":
+        return False
+    if Path(text).is_file():
+        return text.endswith(".gguf")
+    return text.endswith(".gguf") or text in load_registry() or is_hub_spec(text)
+
+
+def split_model_and_files(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    if args and looks_like_model(args[0]):
+        return args[0], list(args[1:])
+    return None, list(args)
+
+
+def open_input(name: str):
+    try:
+        return open(name, "rb")
+    except OSError as e:
+        raise click.BadParameter(f"cannot read {name}: {e.strerror}", param_hint="FILE") from e
 
 
 @main.command()
+@click.argument("model", required=False)
 @session_options
 @sampling_options
-@click.option("--system", default=None, help="System prompt (kept in the cache for ever).")
+@click.option("--system", default=None, help="System prompt; kept in the cache for ever, like the sinks.")
 @friendly_errors
 def chat(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, system, **sampling):
-    """Chat with MODEL without end: the cache evicts, the chat never stops.
+    """Chat without end: the cache evicts old messages, the chat goes on.
 
-    In the chat: /reset, /stats, /save FILE, /load FILE, /system TEXT, /help, /exit (or Ctrl-D).
-    Ctrl-C stops a reply and keeps the session. With standard input not a terminal, each line
-    is a message and each reply is printed on its own.
+    When the cache is full the oldest messages are evicted and the system prompt stays. Replies stream as they are generated. Ctrl-C stops a reply and keeps the conversation;
+    Ctrl-D or /exit quits. Commands in the chat:
+
+    \b
+      /reset        forget the conversation (the system prompt stays)
+      /stats        tokens seen, in cache, evictions, speed
+      /save FILE    save the session (cache and conversation)
+      /load FILE    load a session saved with /save
+      /system TEXT  start over with a new system prompt
+      /help         list these commands
+      /exit         quit
+
+    When standard input is not a terminal, each line is a message and the replies are printed
+    in turn, so a chat can be scripted:
+
+    \b
+      printf 'Hi\\nWhat did I say?\\n' | edgesink chat
     """
     from .chat_cli import run_chat
 
     generation = sampling_from(**sampling)
-    session = open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose)
-    with session:
+    with open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose) as session:
         run_chat(session, system=system, generation=generation, interactive=sys.stdin.isatty())

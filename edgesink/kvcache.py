@@ -39,17 +39,26 @@ STREAM_SEQ = 0  # the stream lives in sequence 0
 SCRATCH_SEQ = 1  # kept tokens are re-encoded here, alone, then handed to sequence 0
 
 
+_holding_interrupts = 0  # nesting depth of deferred_interrupt in the main thread
+
+
 @contextmanager
 def deferred_interrupt():
-    """Hold back Ctrl-C while llama.cpp's memory and our bookkeeping are changed together."""
-    if threading.current_thread() is not threading.main_thread():
+    """Hold back Ctrl-C while llama.cpp's memory and our bookkeeping are changed together.
+
+    Nested uses join the outermost one, which alone delivers a held-back KeyboardInterrupt.
+    """
+    global _holding_interrupts
+    if threading.current_thread() is not threading.main_thread() or _holding_interrupts:
         yield
         return
     received = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    _holding_interrupts += 1
     try:
         yield
     finally:
+        _holding_interrupts -= 1
         signal.signal(signal.SIGINT, previous)
         if received:
             raise KeyboardInterrupt

@@ -10,6 +10,8 @@ from . import _native
 from ._native import C
 from .errors import ModelLoadError, ModelNotFoundError
 
+LOAD_MODE_NONE, LOAD_MODE_MMAP = 0, 1  # enum llama_load_mode
+
 
 class Model:
     """Weights loaded once; each :meth:`session` gets its own KV cache on top of them.
@@ -18,17 +20,30 @@ class Model:
     sessions created from it must be closed first.
     """
 
-    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, use_mmap: bool = True):
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, use_mmap: bool = True,
+                 check: str = "full"):
+        """``check``: ``"full"`` (default) checks the GGUF header in Python, then lets llama.cpp load
+        the file once in a child process (remembered per file), so a file that would abort
+        llama.cpp raises ModelLoadError instead of killing this process; ``"header"`` only the
+        Python check; ``"none"`` trusts the file. See :mod:`edgesink.gguf_check`.
+        """
+        self._model = None
         self.path = Path(path)
+        if check not in ("full", "header", "none"):
+            raise ValueError(f"check must be 'full', 'header' or 'none', got {check!r}")
         if self.path.is_dir():
             raise ModelLoadError(f"{self.path} is a directory, not a GGUF model file")
         if not self.path.exists():
             raise ModelNotFoundError(f"no model file at {self.path}")
+        if check != "none":
+            from .gguf_check import check_model_file
+
+            check_model_file(self.path, probe=check == "full")
         _native.warn_if_stock()
         params = C.llama_model_default_params()
         # -1 means "every layer": llama.cpp clamps it to the model's layer count.
         params.n_gpu_layers = 2**31 - 1 if n_gpu_layers < 0 else n_gpu_layers
-        params.use_mmap = use_mmap
+        params.load_mode = LOAD_MODE_MMAP if use_mmap else LOAD_MODE_NONE
         self._model = C.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             raise ModelLoadError(f"llama.cpp could not load {self.path}: not a valid GGUF model it supports")

@@ -56,6 +56,8 @@ def load_session(session, path: "str | os.PathLike") -> None:
     header, payload = read_session_file(path)
     _check_compatible(session, header)
     session._validate_saved_state(header["state"])
+    if C.llama_memory_can_shift(session._cache.mem):  # a plain KV cache: its cell list is checked
+        _check_payload_layout(Path(path), header, payload)
     backup = _sequence_state(session)
     try:
         _set_sequence_state(session, payload)
@@ -66,7 +68,7 @@ def load_session(session, path: "str | os.PathLike") -> None:
 
 
 def read_session_file(path: "str | os.PathLike") -> tuple[dict, bytes]:
-    """The checked header and payload of a session file."""
+    """The checked header and payload of a session file; SessionFileError naming the cause otherwise."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -74,24 +76,84 @@ def read_session_file(path: "str | os.PathLike") -> tuple[dict, bytes]:
         raise SessionFileError(f"{path} is a directory, not a session file") from None
     except FileNotFoundError:
         raise SessionFileError(f"no session file at {path}") from None
-    if len(data) < _PREFIX.size or data[:8] != MAGIC:
+    except OSError as e:
+        raise SessionFileError(f"cannot read {path}: {e.strerror or e}") from e
+    if len(data) < len(MAGIC) and MAGIC.startswith(data):
+        raise SessionFileError(f"{path} is {'empty' if not data else 'truncated (in the magic)'}")
+    if data[:8] != MAGIC:
         raise SessionFileError(f"{path} is not an edgesink session file (bad magic)")
+    if len(data) < _PREFIX.size:
+        raise SessionFileError(f"{path} is truncated (in the fixed header)")
     _, version, header_len = _PREFIX.unpack_from(data)
     if version != FORMAT_VERSION:
-        raise SessionFileError(f"{path} has session format version {version}; this edgesink reads version {FORMAT_VERSION}")
+        raise SessionFileError(
+            f"{path} has session format version {version}; this edgesink reads version {FORMAT_VERSION}")
     header_end = _PREFIX.size + header_len
     if header_end + 32 > len(data):
         raise SessionFileError(f"{path} is truncated (header)")
     header_bytes = data[_PREFIX.size:header_end]
     if hashlib.sha256(header_bytes).digest() != data[header_end:header_end + 32]:
         raise SessionFileError(f"{path} is corrupt (header checksum mismatch)")
-    header = json.loads(header_bytes)
-    payload = data[header_end + 32:]
+    header = _parse_header(path, header_bytes)
+    payload = memoryview(data)[header_end + 32:]
     if len(payload) != header["payload_length"]:
-        raise SessionFileError(f"{path} is truncated: payload of {len(payload)} bytes, expected {header['payload_length']}")
+        what = "truncated" if len(payload) < header["payload_length"] else "corrupt (trailing bytes)"
+        raise SessionFileError(
+            f"{path} is {what}: payload of {len(payload)} bytes, expected {header['payload_length']}")
     if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
         raise SessionFileError(f"{path} is corrupt (payload checksum mismatch)")
     return header, payload
+
+
+_HEADER_FIELDS = {"edgesink_format": int, "model_sha256": str, "n_ctx": int, "type_k": str, "type_v": str,
+                  "policy": dict, "payload_length": int, "payload_sha256": str, "state": dict}
+
+
+def _parse_header(path: Path, header_bytes: bytes) -> dict:
+    """The header's JSON, with the fields restore relies on present and of the right type."""
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, ValueError):
+        raise SessionFileError(f"{path} is corrupt (the header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise SessionFileError(f"{path} is corrupt (the header is not a JSON object)")
+    for key, kind in _HEADER_FIELDS.items():
+        if not isinstance(header.get(key), kind):
+            raise SessionFileError(f"{path} is corrupt (header field {key!r} is missing or not a {kind.__name__})")
+    policy = header["policy"]
+    if not isinstance(policy.get("name"), str) or not isinstance(policy.get("sinks"), int):
+        raise SessionFileError(f"{path} is corrupt (header field 'policy' is incomplete)")
+    return header
+
+
+_SEQ_STATE_MAGIC = 0xAF143CD8  # llama.cpp's io_magic at the start of a sequence state
+_SEQ_STATE_HEAD = struct.Struct("<IiII")  # magic, seq_id, n_stream, cell_count
+_SEQ_STATE_CELL = struct.Struct("<iIi")  # pos, n_seq_id, seq_id
+
+
+def _check_payload_layout(path: Path, header: dict, payload) -> None:
+    """The cell list at the start of llama.cpp's sequence state must match edgesink's bookkeeping.
+
+    A checksum only catches accidents; this catches a payload that does not describe this stream
+    (llama.cpp asserts on some inconsistent cell lists) before llama.cpp parses it.
+    """
+    if header["policy"].get("name") == "recompute":
+        return  # the recompute policy's cache is rebuilt from the token list on restore
+    try:
+        state = header["state"]
+        n_kept, w0 = len(state["kept"]), int(state["w0"])
+        expected = set(range(w0 - n_kept, w0 + len(state["window"])))
+        magic, seq_id, n_stream, n_cells = _SEQ_STATE_HEAD.unpack_from(payload, 0)
+        cells = [_SEQ_STATE_CELL.unpack_from(payload, _SEQ_STATE_HEAD.size + i * _SEQ_STATE_CELL.size)
+                 for i in range(min(n_cells, len(expected) + 1))]
+    except (KeyError, TypeError, ValueError, struct.error):
+        raise SessionFileError(f"{path} is corrupt (the cache state does not start with a cell list)") from None
+    if magic != _SEQ_STATE_MAGIC or seq_id != STREAM_SEQ or n_stream != 1:
+        raise SessionFileError(f"{path} holds a cache state this llama.cpp does not write "
+                               f"(magic {magic:#x}, sequence {seq_id}, {n_stream} streams)")
+    if n_cells != len(expected) or {pos for pos, _, _ in cells} != expected or any(n != 1 for _, n, _ in cells):
+        raise SessionFileError(f"{path} is inconsistent: its cache state holds {n_cells} cells that do not "
+                               f"match the {len(expected)} tokens of its bookkeeping")
 
 
 def _header(session, payload: bytes) -> dict:
@@ -113,6 +175,10 @@ def _header(session, payload: bytes) -> dict:
 
 
 def _check_compatible(session, header: dict) -> None:
+    ours = _native.upstream_commit()
+    if header.get("llama_cpp_commit") != ours:
+        raise SessionFileError(f"the session was saved by llama.cpp {header.get('llama_cpp_commit')}, this is "
+                               f"{ours}: its cache state format may differ; start a new session")
     if header.get("model_sha256") != session.model.sha256:
         raise SessionFileError(
             f"the session was saved with another model ({header.get('model_name')}); load it with that model")
@@ -134,7 +200,7 @@ def _sequence_state(session) -> bytes:
     return bytes(buf[:written])
 
 
-def _set_sequence_state(session, payload: bytes) -> None:
+def _set_sequence_state(session, payload: "bytes | memoryview") -> None:
     cache = session._cache
     C.llama_memory_seq_rm(cache.mem, STREAM_SEQ, -1, -1)
     if payload:
@@ -147,7 +213,8 @@ def _atomic_write(path: Path, parts: list[bytes]) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        _remove_stale_temporaries(folder, path.name)
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{_temp_prefix(path.name)}{os.getpid()}.", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "wb") as f:
             for part in parts:
                 f.write(part)
@@ -169,3 +236,33 @@ def _atomic_write(path: Path, parts: list[bytes]) -> None:
                 os.unlink(tmp_name)
             except OSError:
                 pass
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}."
+
+
+def _remove_stale_temporaries(folder: Path, name: str) -> None:
+    """Delete temporary files left by saves whose process died (power cut, SIGKILL)."""
+    prefix = _temp_prefix(name)
+    for entry in os.scandir(folder):
+        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
+            continue
+        pid = entry.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

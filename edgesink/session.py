@@ -18,7 +18,7 @@ import numpy as np
 from . import _native
 from ._native import C
 from .errors import UnsupportedModelError
-from .kvcache import StreamCache
+from .kvcache import StreamCache, deferred_interrupt
 from .model import Model, load
 from .policies import ContextPolicy, make_policy
 from .sampling import Sampler, SamplingParams
@@ -313,33 +313,36 @@ class Session:
             if want is not None:
                 # Before evicting: a rebase or refresh during eviction overwrites the context's logits.
                 self._score_first(batch[0], want[start], nll, start)
-            n_evict = self.policy.evictions(self.n_ctx, cache.n_kept, cache.n_window, len(batch))
-            if n_evict and self._message_starts:
-                n_evict = self._align_to_message(n_evict)
-            cache.evict(n_evict)
-            # Row j's logits predict token j+1; the last row is kept for what comes next.
-            logits_for = np.zeros(len(batch), dtype=np.int8)
-            logits_for[-1] = 1
-            if want is not None:
-                logits_for[:-1] = want[start + 1:start + len(batch)]
-            cache.append(batch, logits_for, self._n_keep_target)
-            self._tokens_seen += len(batch)
-            if want is not None:
-                rows = cache.logits_rows(int(logits_for.sum()))
-                self._score_rows(batch, logits_for, rows, nll, start)
-                self._last_logits = rows[-1]
-            else:
-                self._last_logits = None
+            # One batch is one step for Ctrl-C: an eviction's shift must not stay pending without its decode.
+            with deferred_interrupt():
+                n_evict = self.policy.evictions(self.n_ctx, cache.n_kept, cache.n_window, len(batch))
+                if n_evict and self._message_starts:
+                    n_evict = self._align_to_message(n_evict)
+                cache.evict(n_evict)
+                # Row j's logits predict token j+1; the last row is kept for what comes next.
+                logits_for = np.zeros(len(batch), dtype=np.int8)
+                logits_for[-1] = 1
+                if want is not None:
+                    logits_for[:-1] = want[start + 1:start + len(batch)]
+                cache.append(batch, logits_for, self._n_keep_target)
+                self._tokens_seen += len(batch)
+                if want is not None:
+                    rows = cache.logits_rows(int(logits_for.sum()))
+                    self._score_rows(batch, logits_for, rows, nll, start)
+                    self._last_logits = rows[-1]
+                else:
+                    self._last_logits = None
 
     def _ingest_recomputing(self, tokens, want, nll) -> None:
         cache = self._cache
         for i, token in enumerate(tokens):
             if want is not None:
                 self._score_first(token, want[i], nll, i)
-            cache.drop_oldest(self.policy.evictions(self.n_ctx, 0, cache.n_window, 1))
-            cache.push_uncomputed(token)  # computed lazily, only where logits are needed
-            self._tokens_seen += 1
-            self._last_logits = None
+            with deferred_interrupt():
+                cache.drop_oldest(self.policy.evictions(self.n_ctx, 0, cache.n_window, 1))
+                cache.push_uncomputed(token)  # computed lazily, only where logits are needed
+                self._tokens_seen += 1
+                self._last_logits = None
 
     def _score_first(self, token: int, wanted: bool, nll: np.ndarray, index: int) -> None:
         """The NLL of a token predicted by logits from before its batch."""
@@ -524,6 +527,13 @@ class Session:
             extra={"policy": self.policy.name, "n_ctx": self.n_ctx, "kept_forward": cache.kept_forward,
                    "rebuilds": c.rebuilds},
         )
+
+    def next_logits(self) -> np.ndarray:
+        """A copy of the logits predicting the next token (computing them if the cache lacks them)."""
+        logits = self._current_logits()
+        if logits is None:
+            raise ValueError("the stream is empty: feed something first")
+        return logits.copy()
 
     def cached_tokens(self) -> list[int]:
         """The tokens in the cache, in stream order (kept first, then the window)."""

@@ -1,0 +1,150 @@
+"""The native patch: the patched library is the one loaded, and its K-shift is exact.
+
+How exact is "exact"? Two mathematically equal computations (RoPE attention at positions p and
+p + d) differ a little in floating point, and on a quantized model llama.cpp also quantizes the
+activations, which turns that into ~1% of the logits. So each comparison here is held against
+the noise floor measured in the same test: decoding the same tokens fresh at two offsets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgesink
+from edgesink import _native
+from edgesink._native import C
+
+REPO = Path(__file__).resolve().parents[1]
+STOCK_LIB = REPO / "build" / "stock" / "lib"
+TEXT = ("The family of Dashwood had long been settled in Sussex. Their estate was large, and their "
+        "residence was at Norland Park, in the centre of their property, where, for many generations, "
+        "they had lived in so respectable a manner as to engage the general good opinion of their "
+        "surrounding acquaintance.")
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory, model_path):
+    """An F32 random-weight llama: nothing is quantized, so equal computations agree closely."""
+    from random_model import write_random_llama
+
+    path = write_random_llama(tmp_path_factory.mktemp("rand") / "rand.gguf", model_path)
+    m = edgesink.load(path)
+    yield m
+    m.close()
+
+
+def test_the_patched_library_is_loaded():
+    assert _native.patch_level() >= 2
+    pin = json.loads((REPO / "native" / "upstream.json").read_text())
+    assert _native.upstream_commit() == pin["llama_cpp_commit"]
+    assert _native.LIBRARY_FOLDER is not None and (_native.LIBRARY_FOLDER / "libllama.so").exists()
+
+
+def test_info_reports_the_patch():
+    from click.testing import CliRunner
+
+    from edgesink.cli import main
+
+    result = CliRunner().invoke(main, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["sink_shift_patch"] is True and info["patch_level"] >= 2
+    assert "CPU" in info["backends"]
+
+
+def _decode(model, tokens, pos0, type_k="f32", flash_attn=None, shift=0):
+    """Logits after decoding tokens[:-1] at pos0.., optionally shifting them by ``shift``, then tokens[-1]."""
+    with edgesink.Session(model, n_ctx=256, policy="dense", type_k=type_k, flash_attn=flash_attn) as s:
+        cache = s._cache
+        n = len(tokens) - 1
+        cache.decode(tokens[:n], pos0, 0, np.zeros(n, np.int8))
+        if shift:
+            C.llama_memory_seq_add(cache.mem, 0, 0, -1, shift)
+        cache.decode(tokens[n:], pos0 + shift + n, 0, np.ones(1, np.int8))
+        return cache.last_logits()
+
+
+def _noise_floor(model, tokens, type_k, flash_attn) -> float:
+    """How much the logits move when the same tokens are decoded fresh 7 positions later."""
+    return float(np.abs(_decode(model, tokens, 0, type_k, flash_attn) - _decode(model, tokens, 7, type_k, flash_attn)).max())
+
+
+@pytest.mark.parametrize("d", [1, 13, 300])
+def test_shifting_the_whole_sequence_equals_a_fresh_decode_there(random_model, d):
+    tokens = random_model.tokenize(TEXT)
+    shifted = _decode(random_model, tokens, 0, shift=d)
+    fresh = _decode(random_model, tokens, d)
+    floor = _noise_floor(random_model, tokens, "f32", None)
+    assert np.abs(shifted - fresh).max() <= max(2 * floor, 1e-3)
+    assert shifted.argmax() == fresh.argmax()
+
+
+def test_shift_equals_fresh_decode_on_the_real_model(model):
+    tokens = model.tokenize(TEXT)
+    shifted, fresh = _decode(model, tokens, 0, "f16", shift=40), _decode(model, tokens, 40, "f16")
+    assert shifted.argmax() == fresh.argmax()
+    assert np.abs(shifted - fresh).max() <= 2 * _noise_floor(model, tokens, "f16", None)
+
+
+def _stream_logits(model, tokens, mode, type_k, flash_attn, n_ctx=128):
+    """Next-token logits after streaming ``tokens`` through a sink session moving cells one way."""
+    with edgesink.Session(model, n_ctx=n_ctx, policy="sink", sinks=4, batch_size=4, type_k=type_k,
+                          flash_attn=flash_attn, shift_mode=mode, refresh_every=10**9, rebase_every=10**9) as s:
+        s.feed_tokens(tokens)
+        assert s.stats.evictions == len(tokens) - n_ctx
+        return s.next_logits()
+
+
+@pytest.mark.parametrize("type_k", ["f16", "q8_0"])
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_moving_the_sinks_equals_moving_the_window(model, random_model, type_k, flash_attn):
+    """Moving the 4 sink cells forward gives the logits of moving the whole window back."""
+    for m, text_tokens in ((random_model, random_model.tokenize(TEXT * 2)), (model, model.tokenize(TEXT * 2))):
+        tokens = text_tokens[:180]
+        forward = _stream_logits(m, tokens, "kept-forward", type_k, flash_attn)
+        back = _stream_logits(m, tokens, "window-back", type_k, flash_attn)
+        floor = _noise_floor(m, text_tokens[:100], type_k, flash_attn)
+        assert forward.argmax() == back.argmax()
+        assert np.abs(forward - back).max() <= max(2 * floor, 1e-3), (m.path.name, floor)
+
+
+STOCK_SCRIPT = """
+import sys, json, numpy as np, edgesink
+m = edgesink.load(sys.argv[1])
+tokens = m.tokenize(sys.argv[2])[:200]
+out = {}
+for mode in ("kept-forward", "window-back"):
+    with edgesink.Session(m, n_ctx=128, policy="sink", batch_size=4, type_k=sys.argv[3], shift_mode=mode,
+                          refresh_every=10**9, rebase_every=10**9) as s:
+        s.feed_tokens(tokens)
+        out[mode] = s.next_logits().tolist()
+print(json.dumps({"patch": edgesink._native.patch_level(), "logits": out}))
+"""
+
+
+def _logits_with_library(lib_path, model_path, type_k):
+    env = dict(os.environ)
+    if lib_path:
+        env["EDGESINK_LIB_PATH"] = str(lib_path)
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", STOCK_SCRIPT, str(model_path), TEXT * 3, type_k],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("type_k", ["f16", "f32"])
+def test_patched_shift_is_bitwise_the_stock_shift(model_path, type_k):
+    """Rotating only the moved cells gives exactly what stock llama.cpp gives rotating every cell by 0."""
+    assert (STOCK_LIB / "libllama.so").exists(), "build the stock library first: make stock-lib"
+    patched = _logits_with_library(None, model_path, type_k)
+    stock = _logits_with_library(STOCK_LIB, model_path, type_k)
+    assert patched["patch"] >= 2 and stock["patch"] == 0
+    for mode in ("kept-forward", "window-back"):
+        assert np.array_equal(np.array(patched["logits"][mode]), np.array(stock["logits"][mode])), mode

@@ -1,0 +1,209 @@
+"""The streaming engine on the real model: what the cache holds, generation, scoring, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgesink
+from edgesink import ContextFullError, Session
+from edgesink._native import C
+
+
+def assert_cache_consistent(s: Session, sinks: int):
+    """The real llama.cpp cache agrees with the bookkeeping: kept + most recent, consecutive positions."""
+    st = s.stats
+    first, last = C.llama_memory_seq_pos_min(s._cache.mem, 0), C.llama_memory_seq_pos_max(s._cache.mem, 0)
+    assert (first, last) == (st.first_position, st.last_position)
+    assert last - first + 1 == st.tokens_in_cache <= s.n_ctx
+    assert st.tokens_kept == min(sinks, st.tokens_seen)
+    assert first == s._cache.w0 - s._cache.n_kept
+
+
+@pytest.mark.parametrize("policy", ["sink", "window", "halve"])
+def test_ten_times_n_ctx_through_feed_and_generate(model, prose_tokens, policy):
+    n_ctx = 128
+    sinks = 0 if policy == "window" else 4
+    stream = prose_tokens[:10 * n_ctx]
+    with model.session(n_ctx=n_ctx, policy=policy, batch_size=8) as s:
+        for start in range(0, len(stream), 97):
+            s.feed_tokens(stream[start:start + 97])
+            assert_cache_consistent(s, sinks)
+        cached = s.cached_tokens()
+        assert cached[:sinks] == stream[:sinks]
+        window = cached[sinks:]
+        assert window == stream[len(stream) - len(window):]
+        if policy != "halve":
+            assert len(cached) == n_ctx
+        generated = []
+        for chunk in s.stream_generate(3 * n_ctx, top_k=1, seed=1):
+            if chunk.token is not None:
+                generated.append(chunk.token)
+            assert_cache_consistent(s, sinks)
+        st = s.stats
+        assert st.tokens_seen == len(stream) + len(generated)
+        assert st.evictions == st.tokens_seen - st.tokens_in_cache
+        assert s.cached_tokens()[sinks:][-len(generated):] == generated[-(len(s.cached_tokens()) - sinks):] \
+            or generated[-1] == s.cached_tokens()[-1]
+
+
+def test_positions_stay_bounded_by_rebasing(model, prose_tokens):
+    with model.session(n_ctx=64, policy="sink", batch_size=4) as s:
+        s.feed_tokens(prose_tokens[:2000])
+        st = s.stats
+        assert st.rebases >= 10 and st.refreshes >= 1
+        assert st.last_position < 2 * 64 + 4
+
+
+def test_generation_is_reproducible_and_ends(model):
+    with model.session(n_ctx=256) as a, model.session(n_ctx=256) as b:
+        for s in (a, b):
+            s.feed("Once upon a time, in a small village by the sea,")
+        first = a.generate_text(30, seed=42, temperature=0.9)
+        assert first == b.generate_text(30, seed=42, temperature=0.9)
+        chunks = list(a.stream_generate(5, seed=1))
+        assert chunks[-1].finish_reason == "length" and sum(c.token is not None for c in chunks) == 5
+
+
+def test_stop_strings_cut_the_text(model):
+    with model.session(n_ctx=256) as s:
+        s.feed("1, 2, 3, 4, 5, 6,")
+        text = s.generate_text(40, top_k=1, stop=["9"])
+        assert "9" not in text and text.strip().startswith("7")
+        chunks = list(s.stream_generate(40, top_k=1, stop=[","]))
+        assert chunks[-1].finish_reason == "stop_string"
+
+
+def test_end_of_generation_token_ends_it(model):
+    with model.session(n_ctx=256) as s:
+        s.feed_tokens(model.tokenize("<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n", special=True))
+        chunks = list(s.stream_generate(200, top_k=1))
+        assert chunks[-1].finish_reason == "stop"
+        assert model.is_end_of_generation(s.cached_tokens()[-1])
+
+
+def test_endless_generation_passes_n_ctx_many_times(model):
+    with model.session(n_ctx=64, policy="sink") as s:
+        s.feed("The sea")
+        n = 0
+        for _ in s.generate(None, seed=3):
+            n += 1
+            if s.stats.tokens_seen > 6 * 64:
+                break
+        assert s.stats.evictions > 5 * 64 - 16
+        assert_cache_consistent(s, 4)
+
+
+def test_dense_raises_context_full_and_loses_nothing(model):
+    with model.session(n_ctx=64, policy="dense") as s:
+        s.feed_tokens(list(range(1000, 1060)))
+        before = s.cached_tokens()
+        with pytest.raises(ContextFullError, match="dense"):
+            s.feed_tokens(list(range(2000, 2010)))
+        assert s.cached_tokens() == before
+        with pytest.raises(ContextFullError):
+            s.generate_text(20)
+        assert len(s.cached_tokens()) == 64
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"sinks": 64, "n_ctx": 64}, "sinks"),
+    ({"sinks": -1}, "sinks"),
+    ({"batch_size": 300, "n_ctx": 256}, "batch"),
+    ({"batch_size": 0}, "batch"),
+    ({"n_ctx": 8193}, "trained on"),
+    ({"n_ctx": 1}, "n_ctx"),
+    ({"evict_chunk": 0}, "evict_chunk"),
+    ({"policy": "lru"}, "unknown policy"),
+    ({"type_k": "f8"}, "cache type"),
+    ({"shift_mode": "sideways"}, "shift_mode"),
+    ({"refresh_every": 0}, "refresh_every"),
+])
+def test_bad_parameters_raise_value_error(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Session(model, **kwargs)
+
+
+def test_bad_generation_parameters(model):
+    with model.session(n_ctx=64) as s:
+        with pytest.raises(ValueError, match="nothing to continue"):
+            s.generate_text(3)
+        s.feed("Hello")
+        for kwargs in ({"max_tokens": 0}, {"max_tokens": -3}, {"temperature": 0}, {"top_p": 1.5}, {"seed": -1}):
+            with pytest.raises(ValueError):
+                s.generate_text(**kwargs)
+        with pytest.raises(ValueError, match="out of range"):
+            s.feed_tokens([model.n_vocab])
+
+
+def test_score_reports_what_feed_computes(model, prose_tokens):
+    tokens = prose_tokens[:700]
+    with model.session(n_ctx=128, batch_size=8) as a, model.session(n_ctx=128, batch_size=8) as b, \
+            model.session(n_ctx=1024, policy="dense", batch_size=8) as dense:
+        nll = a.score_tokens(tokens)
+        b.feed_tokens(tokens)
+        assert np.array_equal(a.next_logits(), b.next_logits())
+        assert a.cached_tokens() == b.cached_tokens()
+        assert np.isnan(nll[0]) and np.all(np.isfinite(nll[1:]))
+        # Before the first eviction every policy sees the same context as a dense cache.
+        reference = dense.score_tokens(tokens)
+        assert np.allclose(nll[1:120], reference[1:120], atol=1e-3)
+        assert np.exp(np.mean(nll[1:])) < 100
+
+
+def test_score_on_a_sample_of_positions(model, prose_tokens):
+    tokens = prose_tokens[:300]
+    positions = list(range(10, 300, 29))
+    with model.session(n_ctx=128, batch_size=8) as a, model.session(n_ctx=128, batch_size=8) as b:
+        full = a.score_tokens(tokens)
+        sampled = b.score_tokens(tokens, positions=positions)
+    assert np.allclose(full[positions], sampled[positions], atol=1e-4)
+    assert np.isnan(np.delete(sampled, positions)).all()
+
+
+def test_recompute_scores_each_token_on_a_fresh_window(model, prose_tokens):
+    tokens = prose_tokens[:200]
+    with model.session(n_ctx=64, policy="recompute") as s:
+        nll = s.score_tokens(tokens, positions=[150, 199])
+        assert s.stats.extra["rebuilds"] == 2
+    # Token 150 seen by recompute: the 64 tokens before it, encoded fresh at positions 0..63.
+    with model.session(n_ctx=128, policy="dense") as fresh:
+        fresh.feed_tokens(tokens[150 - 64:150])
+        expected = -np.log(np.exp(fresh.next_logits() - fresh.next_logits().max()) /
+                           np.exp(fresh.next_logits() - fresh.next_logits().max()).sum())[tokens[150]]
+    assert nll[150] == pytest.approx(expected, abs=1e-3)
+
+
+def test_multibyte_characters_survive_streaming(model):
+    text = "Grüße aus Köln — 東京の天気は晴れ 🎉🚀 ok"
+    data = text.encode()
+    with model.session(n_ctx=256) as whole, model.session(n_ctx=256) as split:
+        whole.feed(text)
+        for cut in (5, 26, 35):  # inside ü's neighbours, inside 東, inside an emoji
+            pass
+        split.feed(data[:22])
+        split.feed(data[22:41])
+        split.feed(data[41:])
+        assert model.detokenize(split.cached_tokens()) == text
+    with model.session(n_ctx=256) as s:
+        s.feed("日本語で答えてください。東京は")
+        pieces = list(s.generate(60, seed=5, temperature=1.0))
+        assert all("\ufffd" not in p for p in pieces)
+        assert "".join(pieces).encode("utf-8").decode("utf-8")
+
+
+def test_one_model_backs_many_sessions(model):
+    sessions = [model.session(n_ctx=64) for _ in range(4)]
+    for i, s in enumerate(sessions):
+        s.feed(f"Session number {i} says")
+    texts = {s.generate_text(5, top_k=1) for s in sessions}
+    for s in sessions:
+        s.close()
+    assert len(texts) >= 1
+
+
+def test_session_from_a_path_owns_its_model(model_path):
+    with edgesink.Session(model_path, n_ctx=64) as s:
+        s.feed("Hi")
+        owned = s.model
+    assert owned._model is None
