@@ -20,9 +20,9 @@ import time
 from typing import Iterator
 
 from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import EdgesinkError
+from .template_guard import GuardedSandbox, TemplateLimitError, time_limit
 
 PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: never produced by a template
 PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
@@ -43,7 +43,7 @@ class ChatTemplate:
     """A Jinja chat template rendered in a sandbox with a size and time limit."""
 
     def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = GuardedSandbox(trim_blocks=True, lstrip_blocks=True, max_chars=MAX_RENDER_CHARS)
         env.globals["raise_exception"] = _raise_template_exception
         env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
         try:
@@ -56,14 +56,17 @@ class ChatTemplate:
         deadline = time.monotonic() + MAX_RENDER_SECONDS
         parts, size = [], 0
         try:
-            for part in self._template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **self._extra):
-                parts.append(part)
-                size += len(part)
-                if size > MAX_RENDER_CHARS or time.monotonic() > deadline:
-                    raise TemplateRenderError("the chat template ran away (too much output or too long); refusing it")
+            with time_limit(MAX_RENDER_SECONDS):  # also stops loops and macros that produce no output
+                for part in self._template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                    **self._extra):
+                    parts.append(part)
+                    size += len(part)
+                    if size > MAX_RENDER_CHARS or time.monotonic() > deadline:
+                        raise TemplateRenderError("the chat template ran away (too much output or too long); refusing it")
         except TemplateRenderError:
             raise
+        except TemplateLimitError as e:
+            raise TemplateRenderError(f"the chat template ran away ({e}); refusing it") from e
         except Exception as e:  # the sandbox's SecurityError, template bugs, raise_exception()
             raise TemplateRenderError(f"the chat template failed: {e}") from e
         return "".join(parts)

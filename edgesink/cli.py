@@ -291,3 +291,13 @@ def chat(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, system, **
     generation = sampling_from(**sampling)
     with open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose) as session:
         run_chat(session, system=system, generation=generation, interactive=sys.stdin.isatty())
+
+
+def _add_bench_command() -> None:
+    # The context-shift benchmark lives in edgesink.bench; its command imports nothing heavy.
+    from .bench.cli import bench
+
+    main.add_command(bench)
+
+
+_add_bench_command()

@@ -384,7 +384,8 @@ def probe_load(path: "str | os.PathLike", timeout: float = PROBE_TIMEOUT_S) -> N
         r = subprocess.run([sys.executable, "-m", "edgesink.gguf_check", str(path)], env=env,
                            stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise ModelLoadError(f"llama.cpp took more than {timeout:.0f} s to read the header of {path}; refusing it") from None
+        raise ModelLoadError(f"llama.cpp took more than {timeout:.0f} s to read the header of {path}; "
+                             "refusing it") from None
     if r.returncode == 0:
         return
     reason = _log_reason(r.stderr.decode("utf-8", errors="replace"))

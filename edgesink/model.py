@@ -31,6 +31,8 @@ class Model:
         self.path = Path(path)
         if check not in ("full", "header", "none"):
             raise ValueError(f"check must be 'full', 'header' or 'none', got {check!r}")
+        if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int):
+            raise ValueError(f"n_gpu_layers must be an integer (-1: all layers), got {n_gpu_layers!r}")
         if self.path.is_dir():
             raise ModelLoadError(f"{self.path} is a directory, not a GGUF model file")
         if not self.path.exists():
@@ -131,7 +133,12 @@ class Model:
         ``special=False`` (the default) keeps strings such as ``<|im_start|>`` literal text, so
         user input can never inject control tokens; only chat templates pass ``special=True``.
         """
-        data = text.encode("utf-8", errors="replace") if isinstance(text, str) else bytes(text)
+        if isinstance(text, str):
+            data = text.encode("utf-8", errors="replace")
+        elif isinstance(text, (bytes, bytearray, memoryview)):
+            data = bytes(text)
+        else:
+            raise ValueError(f"tokenize takes str or bytes, got {type(text).__name__}")
         n_max = len(data) + 2
         while True:
             buf = (C.llama_token * n_max)()

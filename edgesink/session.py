@@ -7,7 +7,9 @@ exactly what ``feed`` computes.
 
 from __future__ import annotations
 
+import operator
 import os
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,8 +22,9 @@ from ._native import C
 from .errors import UnsupportedModelError
 from .kvcache import StreamCache, deferred_interrupt
 from .model import Model, load
+from .options import check_session_options, not_int, sampling_params, stop_strings
 from .policies import ContextPolicy, make_policy
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler
 from .textstream import StopMatcher, Utf8Stream
 
 CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
@@ -85,6 +88,9 @@ class Session:
                  type_k: str = "f16", type_v: str = "f16", flash_attn: bool | None = None,
                  n_threads: int | None = None, shift_mode: str = "auto",
                  refresh_every: int = 128, rebase_every: int | None = None):
+        check_session_options(policy, sinks=sinks, evict_chunk=evict_chunk, batch_size=batch_size,
+                              n_threads=n_threads, flash_attn=flash_attn, refresh_every=refresh_every,
+                              rebase_every=rebase_every)
         self._owns_model = not isinstance(model, Model)
         self.model = load(model)
         try:
@@ -276,22 +282,26 @@ class Session:
 
     def _text_pieces(self, text: "str | bytes") -> Iterator[str]:
         if isinstance(text, str):
+            if self._utf8_in.pending:  # a str cannot finish a character begun in bytes: U+FFFD for it
+                yield self._utf8_in.flush()
             # Lone surrogates cannot be encoded; they become U+FFFD like invalid UTF-8 bytes.
-            data = text.encode("utf-8", errors="replace") if _has_surrogates(text) else None
-            text = self._utf8_in.push(data) if data is not None else text
+            yield from _split_at_spaces(_SURROGATES.sub("\ufffd", text) if _SURROGATES.search(text) else text)
+        elif isinstance(text, (bytes, bytearray, memoryview)):
+            data = memoryview(text).cast("B")
+            carry = ""
+            for i in range(0, len(data), TEXT_CHUNK_CHARS):  # decoded in pieces too: memory stays bounded
+                carry = yield from _split_at_spaces(carry + self._utf8_in.push(data[i:i + TEXT_CHUNK_CHARS]),
+                                                    keep_tail=True)
+            if carry:
+                yield carry
         else:
-            text = self._utf8_in.push(bytes(text))
-        start = 0
-        while start < len(text):
-            end = min(len(text), start + TEXT_CHUNK_CHARS)
-            if end < len(text):
-                split = text.rfind(" ", start + 1, end)
-                end = split if split > start else end
-            yield text[start:end]
-            start = end
+            raise ValueError(f"feed takes str or bytes, got {type(text).__name__}")
 
     def _checked_tokens(self, tokens: Iterable[int]) -> list[int]:
-        tokens = [int(t) for t in tokens]
+        try:
+            tokens = [operator.index(t) for t in tokens]
+        except TypeError:
+            raise ValueError("token ids must be integers") from None
         bad = next((t for t in tokens if not 0 <= t < self.model.n_vocab), None)
         if bad is not None:
             self.model.check_token(bad)
@@ -388,12 +398,12 @@ class Session:
         settings are those of :class:`SamplingParams` (temperature, top_k, top_p, min_p,
         repeat_penalty, seed). Ends at an end-of-generation token, a stop string or max_tokens.
         """
-        if max_tokens is not None and max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1 (or None for endless), got {max_tokens}")
-        params = SamplingParams(**sampling)
+        if max_tokens is not None and (not_int(max_tokens) or max_tokens < 1):
+            raise ValueError(f"max_tokens must be an integer >= 1 (or None for endless), got {max_tokens!r}")
+        params = sampling_params(sampling)
         if self._cache.n_cached == 0:
             raise ValueError("nothing to continue: feed a prompt first")
-        utf8, stops = Utf8Stream(), StopMatcher(stop)
+        utf8, stops = Utf8Stream(), StopMatcher(stop_strings(stop))
         n = 0
         with Sampler(params) as sampler:
             while max_tokens is None or n < max_tokens:
@@ -566,12 +576,22 @@ def _rate(counter: list) -> float:
     return counter[0] / counter[1] if counter[1] > 0 else 0.0
 
 
-def _has_surrogates(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _split_at_spaces(text: str, keep_tail: bool = False):
+    """Pieces of about TEXT_CHUNK_CHARS, cut before a space; returns the unfinished tail if ``keep_tail``."""
+    start = 0
+    while len(text) - start > (TEXT_CHUNK_CHARS if keep_tail else 0):
+        end = min(len(text), start + TEXT_CHUNK_CHARS)
+        if end < len(text):
+            split = text.rfind(" ", start + 1, end)
+            end = split if split > start else end
+        yield text[start:end]
+        start = end
+    if not keep_tail:
+        return ""
+    return text[start:]
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -10,9 +10,12 @@ edgesink's checks bypassed), and what edgesink makes of it::
 
 from __future__ import annotations
 
+import os
+import signal
 import struct
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -506,20 +509,19 @@ def outcome(returncode: int) -> str:
     if returncode == 3:
         return "error"
     if returncode < 0:
-        import signal
-
         return f"crash:{signal.Signals(-returncode).name}"
     return f"exit:{returncode}"
 
 
 def run_child(code: str, path: Path, timeout: float = 60) -> tuple[str, str]:
-    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=timeout)
-    return outcome(r.returncode), (r.stdout + r.stderr).strip().splitlines()[-1:][0] if (r.stdout + r.stderr).strip() else ""
+    env = dict(os.environ, GGML_NO_BACKTRACE="1")  # an abort runs no debugger
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=timeout,
+                       env=env)
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    return outcome(r.returncode), lines[-1] if lines else ""
 
 
 def main() -> None:
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         print(f"{'case':28} {'raw llama.cpp':14} edgesink")

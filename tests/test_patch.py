@@ -71,6 +71,13 @@ def _decode(model, tokens, pos0, type_k="f32", flash_attn=None, shift=0):
         return cache.last_logits()
 
 
+def assert_same_choice(a: np.ndarray, b: np.ndarray, floor: float) -> None:
+    """The same most likely token, unless the two best are closer than the noise (a real tie)."""
+    top2 = np.sort(b)[-2:]
+    if top2[1] - top2[0] > 2 * floor:
+        assert a.argmax() == b.argmax()
+
+
 def _noise_floor(model, tokens, type_k, flash_attn) -> float:
     """How much the logits move when the same tokens are decoded fresh 7 positions later."""
     return float(np.abs(_decode(model, tokens, 0, type_k, flash_attn) - _decode(model, tokens, 7, type_k, flash_attn)).max())
@@ -83,14 +90,15 @@ def test_shifting_the_whole_sequence_equals_a_fresh_decode_there(random_model, d
     fresh = _decode(random_model, tokens, d)
     floor = _noise_floor(random_model, tokens, "f32", None)
     assert np.abs(shifted - fresh).max() <= max(2 * floor, 1e-3)
-    assert shifted.argmax() == fresh.argmax()
+    assert_same_choice(shifted, fresh, floor)
 
 
 def test_shift_equals_fresh_decode_on_the_real_model(model):
     tokens = model.tokenize(TEXT)
     shifted, fresh = _decode(model, tokens, 0, "f16", shift=40), _decode(model, tokens, 40, "f16")
-    assert shifted.argmax() == fresh.argmax()
-    assert np.abs(shifted - fresh).max() <= 2 * _noise_floor(model, tokens, "f16", None)
+    floor = _noise_floor(model, tokens, "f16", None)
+    assert_same_choice(shifted, fresh, floor)
+    assert np.abs(shifted - fresh).max() <= 2 * floor
 
 
 def _stream_logits(model, tokens, mode, type_k, flash_attn, n_ctx=128):
@@ -104,15 +112,19 @@ def _stream_logits(model, tokens, mode, type_k, flash_attn, n_ctx=128):
 
 @pytest.mark.parametrize("type_k", ["f16", "q8_0"])
 @pytest.mark.parametrize("flash_attn", [False, True])
-def test_moving_the_sinks_equals_moving_the_window(model, random_model, type_k, flash_attn):
+def test_moving_the_sinks_equals_moving_the_window(model, random_model, prose, type_k, flash_attn):
     """Moving the 4 sink cells forward gives the logits of moving the whole window back."""
-    for m, text_tokens in ((random_model, random_model.tokenize(TEXT * 2)), (model, model.tokenize(TEXT * 2))):
-        tokens = text_tokens[:180]
+    for m in (random_model, model):
+        text_tokens = m.tokenize(prose[:4000])
+        tokens = text_tokens[:400]
         forward = _stream_logits(m, tokens, "kept-forward", type_k, flash_attn)
         back = _stream_logits(m, tokens, "window-back", type_k, flash_attn)
         floor = _noise_floor(m, text_tokens[:100], type_k, flash_attn)
-        assert forward.argmax() == back.argmax()
-        assert np.abs(forward - back).max() <= max(2 * floor, 1e-3), (m.path.name, floor)
+        assert_same_choice(forward, back, floor)
+        # Each path re-rounds its moved keys ~70 times here, the noise floor measures one offset
+        # change: measured ratios were 0.6-2.5 (random F32 model: 0.0024 at F16, 0.047 at q8_0,
+        # logits of std 1; SmolLM2: 0.45-0.71), so 3x the floor is the stated tolerance.
+        assert np.abs(forward - back).max() <= 3 * floor, (m.path.name, floor)
 
 
 STOCK_SCRIPT = """

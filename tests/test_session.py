@@ -51,8 +51,17 @@ def test_positions_stay_bounded_by_rebasing(model, prose_tokens):
     with model.session(n_ctx=64, policy="sink", batch_size=4) as s:
         s.feed_tokens(prose_tokens[:2000])
         st = s.stats
-        assert st.rebases >= 10 and st.refreshes >= 1
+        assert st.rebases >= 25  # one per 64 evicted tokens
         assert st.last_position < 2 * 64 + 4
+        assert_cache_consistent(s, 4)
+
+
+def test_kept_tokens_are_refreshed_between_rebases(model, prose_tokens):
+    with model.session(n_ctx=64, policy="sink", batch_size=4, refresh_every=16, rebase_every=10**6) as s:
+        s.feed_tokens(prose_tokens[:1000])
+        st = s.stats
+        assert st.rebases == 0 and st.refreshes == st.shifts // 16
+        assert_cache_consistent(s, 4)
 
 
 def test_generation_is_reproducible_and_ends(model):

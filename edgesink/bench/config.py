@@ -1,0 +1,184 @@
+"""What a benchmark run measures: its settings, the policy variants, and the plan of jobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..policies import POLICY_NAMES
+
+DEFAULT_SINKS = 4  # the engine's default, used by sink and halve outside the sinks sweep
+TYPE_POLICIES = ("sink", "halve")  # shifting policies run for every K-cache type (sink with chunk 1)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One policy with its settings: a row of the results."""
+
+    policy: str
+    n_ctx: int
+    sinks: int = 0
+    evict_chunk: int | None = None  # sink / window only
+    cache_type_k: str = "f16"
+
+    @classmethod
+    def of(cls, policy: str, n_ctx: int, cache_type_k: str = "f16", *, sinks: int = DEFAULT_SINKS,
+           evict_chunk: int = 1) -> "Variant":
+        """The variant of ``policy`` with the settings that apply to it (others normalised away)."""
+        if policy == "sink":
+            return cls(policy, n_ctx, sinks, evict_chunk, cache_type_k)
+        if policy == "window":
+            return cls(policy, n_ctx, 0, evict_chunk, cache_type_k)
+        if policy == "halve":
+            return cls(policy, n_ctx, sinks, None, cache_type_k)
+        return cls(policy, n_ctx, 0, None, cache_type_k)
+
+    @property
+    def label(self) -> str:
+        if self.policy == "sink":
+            return f"sink({self.sinks}, chunk {self.evict_chunk})"
+        if self.policy == "window" and self.evict_chunk != 1:
+            return f"window(chunk {self.evict_chunk})"
+        if self.policy == "halve":
+            return f"halve({self.sinks})"
+        return self.policy
+
+    def session_options(self) -> dict:
+        """Keyword arguments of :class:`edgesink.Session` for this variant."""
+        options = {"n_ctx": self.n_ctx, "policy": self.policy, "type_k": self.cache_type_k}
+        if self.policy in ("sink", "halve"):
+            options["sinks"] = self.sinks
+        if self.evict_chunk is not None:
+            options["evict_chunk"] = self.evict_chunk
+        return options
+
+    def to_dict(self) -> dict:
+        return {"policy": self.policy, "n_ctx": self.n_ctx, "sinks": self.sinks,
+                "evict_chunk": self.evict_chunk, "cache_type_k": self.cache_type_k}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Settings of a run (the ``edgesink bench`` flags).
+
+    The long quality runs (``tokens``, every policy, every K-cache type) are made at
+    ``main_n_ctx``; the other cache sizes and the sinks sweep use the first ``sweep_tokens``.
+    The stream is causal, so a shorter run is exactly a prefix of a longer one.
+    """
+
+    model: str | None = None  # path or registry name; None: the default model
+    text: str | None = None  # UTF-8 file; None: Jane Austen's novels
+    tokens: int = 20_000
+    n_ctx: tuple[int, ...] = (256, 512, 1024, 2048)
+    sinks: tuple[int, ...] = (0, 1, 2, 4, 8)
+    cache_types: tuple[str, ...] = ("f16", "q8_0", "f32")
+    policies: tuple[str, ...] = ("dense", "window", "sink", "halve", "recompute")
+    evict_chunks: tuple[int, ...] = (1, 64)
+    main_n_ctx: int = 512
+    sweep_tokens: int | None = None  # None: the same as tokens
+    sample: int = 200  # positions scored by recompute (and on which every policy is compared)
+    segments: int = 10  # per-segment perplexity along the quality streams
+    gen_tokens: int = 64  # tokens generated per latency measurement
+    gen_tokens_recompute: int = 4  # each one re-encodes the whole window
+    feed_tokens: int = 512  # tokens fed at a full cache to measure feed tokens/s
+    overhead_steps: int = 200  # eviction / dense step pairs per round
+    overhead_rounds: int = 2  # patched and stock rounds, alternated
+    soak: int = 0  # tokens streamed through sink in the soak (0: no soak)
+    soak_segment: int = 65_536
+    soak_sample_every: int = 8  # the soak scores one position in each block of this many
+    threads: int | None = None
+    stock_lib: str | None = None  # folder of the unpatched libllama; None: none compared
+    out: str = "edgesink-bench"
+    json_path: str | None = None
+    plots: bool = True
+    isolate: bool = True  # each job in its own process (own peak RSS); False: in this one (tests)
+    seed: int = 0
+    command: str = ""  # the command line, written into the results
+
+    def __post_init__(self):
+        unknown = [p for p in self.policies if p not in POLICY_NAMES]
+        if unknown:
+            raise ValueError(f"unknown policies {', '.join(unknown)}; choose from {', '.join(POLICY_NAMES)}")
+        if not self.n_ctx:
+            raise ValueError("give at least one n_ctx")
+        if self.tokens < 2 or self.sample < 1:
+            raise ValueError("tokens must be >= 2 and sample >= 1")
+        if min(self.n_ctx) <= max(self.sinks + (DEFAULT_SINKS,)) + 1:
+            raise ValueError("every n_ctx must be larger than the sinks")
+        if self.main_n_ctx not in self.n_ctx:
+            object.__setattr__(self, "main_n_ctx", self.n_ctx[0])
+
+    @property
+    def base_type(self) -> str:
+        return self.cache_types[0]
+
+    def tokens_for(self, n_ctx: int) -> int:
+        """Quality-stream length at this cache size."""
+        sweep = self.sweep_tokens or self.tokens
+        return self.tokens if n_ctx == self.main_n_ctx else min(sweep, self.tokens)
+
+    @property
+    def sweep_length(self) -> int:
+        return min(self.sweep_tokens or self.tokens, self.tokens)
+
+    def policy_variants(self, n_ctx: int, cache_type_k: str | None = None) -> list[Variant]:
+        """Every asked policy at this cache size (sink once per eviction chunk that fits)."""
+        t = cache_type_k or self.base_type
+        found = []
+        for policy in self.policies:
+            if policy == "sink":
+                found += [Variant.of("sink", n_ctx, t, evict_chunk=c) for c in self.evict_chunks
+                          if c <= n_ctx - DEFAULT_SINKS]
+            else:
+                found.append(Variant.of(policy, n_ctx, t))
+        return found
+
+
+@dataclass
+class Job:
+    """One measurement, run in a worker process."""
+
+    kind: str  # "quality", "latency", "overhead", "soak"
+    variant: Variant
+    n_tokens: int = 0
+    stock: bool = False  # run against the unpatched libllama
+    options: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        lib = " stock" if self.stock else ""
+        return f"{self.kind}{lib} {self.variant.label} n_ctx={self.variant.n_ctx} K={self.variant.cache_type_k}"
+
+
+def plan(config: BenchConfig) -> list[Job]:
+    """Every job of a run, in the order they run."""
+    jobs: list[Job] = []
+    base = config.base_type
+    for n_ctx in config.n_ctx:
+        for v in config.policy_variants(n_ctx):
+            jobs.append(Job("quality", v, config.tokens_for(n_ctx)))
+    for t in config.cache_types[1:]:
+        for policy in TYPE_POLICIES:
+            if policy in config.policies:
+                jobs.append(Job("quality", Variant.of(policy, config.main_n_ctx, t), config.tokens))
+    if "sink" in config.policies:
+        done = {j.variant for j in jobs}
+        for n_ctx in config.n_ctx:
+            for s in config.sinks:
+                v = Variant.of("sink", n_ctx, base, sinks=s)
+                # sink with no sinks is window; each run covers the sweep's prefix of the stream
+                if v not in done and not (s == 0 and Variant.of("window", n_ctx, base) in done):
+                    jobs.append(Job("quality", v, config.sweep_length))
+                    done.add(v)
+    for n_ctx in config.n_ctx:
+        for v in config.policy_variants(n_ctx):
+            jobs.append(Job("latency", v))
+    if "sink" in config.policies:
+        for n_ctx in config.n_ctx:
+            v = Variant.of("sink", n_ctx, base)
+            for _ in range(config.overhead_rounds):
+                jobs.append(Job("overhead", v))
+                if config.stock_lib:
+                    jobs.append(Job("overhead", v, stock=True))
+    if config.soak:
+        jobs.append(Job("soak", Variant.of("sink", config.main_n_ctx, base), config.soak))
+    return jobs

@@ -1,0 +1,52 @@
+"""A description of the machine and software a run was made on, written into the results."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def describe_machine(threads: int | None = None) -> dict:
+    """CPU, cores, memory, OS, Python, the libllama loaded and how busy the machine was."""
+    from .. import __version__, _native
+    from ..info import pinned_commit
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": threads or os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "edgesink": __version__,
+        "llama_cpp_commit": pinned_commit(),
+        "backends": _native.backends(),
+        "patch_level": _native.patch_level(),
+        "load_average_at_start": [round(x, 2) for x in load] if load else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def summary_line(machine: dict) -> str:
+    return (f"{machine['cpu']}, {machine['cores']} cores ({machine['threads']} threads used), "
+            f"{machine['memory_gib']} GiB, {machine['os']}, Python {machine['python']}")

@@ -1,0 +1,205 @@
+"""PNG plots of a run (matplotlib, the optional ``bench`` extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COLORS = {"dense": "black", "window": "tab:red", "sink": "tab:blue", "halve": "tab:green", "recompute": "tab:purple"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _color(label: str, policy: str) -> str:
+    return "tab:cyan" if policy == "sink" and "chunk 1)" not in label else COLORS.get(policy, "gray")
+
+
+def plot_all(out: Path, summary: dict, header: dict) -> list[str]:
+    """Every plot the results allow; returns the file names written."""
+    written = []
+    for name, fn in (("logppl_stream.png", _logppl_stream), ("latency_vs_cache.png", _latency),
+                     ("ppl_vs_sinks.png", _sinks), ("cache_type_drift.png", _cache_types),
+                     ("eviction_overhead.png", _overhead), ("soak.png", _soak)):
+        if fn(out / name, summary, header):
+            written.append(name)
+    return written
+
+
+def _logppl_stream(path: Path, summary: dict, header: dict) -> bool:
+    segs = [s for s in summary["segments"] if s["cache_type_k"] == header["config"]["cache_types"][0]]
+    if not segs:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label in dict.fromkeys(s["label"] for s in segs):
+        mine = [s for s in segs if s["label"] == label]
+        policy = mine[0]["policy"]
+        mid = [(s["start"] + s["end"]) / 2 for s in mine]
+        if policy == "recompute":
+            pts = [(m, s["ppl_sample"]) for m, s in zip(mid, mine) if s["ppl_sample"]]
+            ax.plot([p[0] for p in pts], [_log(p[1]) for p in pts], "o--", color=_color(label, policy),
+                    label=f"{label} (sampled positions)")
+        elif policy == "dense":
+            n_ctx = mine[0]["n_ctx"]
+            first = mine[0]
+            if first["ppl_all"]:
+                ax.plot([first["start"], min(first["end"], n_ctx)], [_log(first["ppl_all"])] * 2, "-",
+                        color="black", lw=3, label=f"dense (stops at n_ctx {n_ctx})")
+        else:
+            pts = [(m, s["ppl_all"]) for m, s in zip(mid, mine) if s["ppl_all"]]
+            ax.plot([p[0] for p in pts], [_log(p[1]) for p in pts], "-", marker=".", color=_color(label, policy),
+                    label=label)
+    n_ctx = segs[0]["n_ctx"]
+    ax.axvline(n_ctx, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("position in the stream (tokens)")
+    ax.set_ylabel("log perplexity (mean NLL per segment, nats)")
+    ax.set_title(f"{header['model_name']}: log-perplexity along the stream, n_ctx {n_ctx}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _log(x: float) -> float:
+    import math
+
+    return math.log(x)
+
+
+def _latency(path: Path, summary: dict, header: dict) -> bool:
+    rows = [r for r in summary["rows"] if r.get("ms_per_token_median") is not None]
+    if not rows:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in dict.fromkeys(r["label"] for r in rows):
+        mine = sorted((r for r in rows if r["label"] == label), key=lambda r: r["n_ctx"])
+        x = [r["n_ctx"] for r in mine]
+        med = [r["ms_per_token_median"] for r in mine]
+        p95 = [r["ms_per_token_p95"] for r in mine]
+        color = _color(label, mine[0]["policy"])
+        ax.plot(x, med, "o-", color=color, label=label)
+        ax.fill_between(x, med, p95, color=color, alpha=0.12)
+    stock = [o for o in summary["overhead"] if o["library"] == "stock"]
+    if stock:
+        ax.plot([o["n_ctx"] for o in stock], [o["evict_ms_median"] for o in stock], "x:", color="tab:orange",
+                label="sink(4, chunk 1), stock libllama")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("cache size n_ctx (tokens)")
+    ax.set_ylabel("ms per generated token (median; band to p95)")
+    ax.set_title(f"{header['model_name']}: per-token latency at a full cache")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _sinks(path: Path, summary: dict, header: dict) -> bool:
+    sweep = summary["sinks_sweep"]
+    if len({s["sinks"] for s in sweep}) < 2:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for n_ctx in sorted({s["n_ctx"] for s in sweep}):
+        mine = sorted((s for s in sweep if s["n_ctx"] == n_ctx), key=lambda s: s["sinks"])
+        ax.plot([s["sinks"] for s in mine], [s["ppl"] for s in mine], "o-", label=f"n_ctx {n_ctx}")
+    ax.set_yscale("log")
+    ax.set_xlabel("attention sinks kept")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(f"{header['model_name']}: perplexity vs sinks (first {sweep[0]['tokens'] + 1:,} tokens)")
+    ax.set_xticks(sorted({s["sinks"] for s in sweep}))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _cache_types(path: Path, summary: dict, header: dict) -> bool:
+    ct = [c for c in summary["cache_types"] if c["vs_f32_pct"] is not None and c["cache_type_k"] != "f32"]
+    if not ct:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    styles = {"f16": "-", "q8_0": "--", "bf16": "-."}
+    for key in dict.fromkeys((c["label"], c["policy"], c["cache_type_k"]) for c in ct):
+        mine = [c for c in ct if (c["label"], c["policy"], c["cache_type_k"]) == key]
+        ax.plot([(c["start"] + c["end"]) / 2 for c in mine], [c["vs_f32_pct"] for c in mine],
+                styles.get(key[2], ":"), marker="o", color=_color(key[0], key[1]), label=f"{key[0]}, K {key[2]}")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xlabel("position in the stream (tokens)")
+    ax.set_ylabel("segment perplexity vs the same policy with an f32 K cache (%)")
+    ax.set_title(f"{header['model_name']}: K-cache type drift, n_ctx {ct[0]['n_ctx']}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _overhead(path: Path, summary: dict, header: dict) -> bool:
+    ov = summary["overhead"]
+    if not ov:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    sizes = sorted({o["n_ctx"] for o in ov})
+    libraries = sorted({o["library"] for o in ov})
+    width = 0.8 / len(libraries)
+    for i, lib in enumerate(libraries):
+        by = {o["n_ctx"]: o["ratio_median"] for o in ov if o["library"] == lib}
+        xs = [k + (i - (len(libraries) - 1) / 2) * width for k in range(len(sizes))]
+        ax.bar(xs, [100 * (by.get(n, float("nan")) - 1) for n in sizes], width,
+               color="tab:blue" if lib == "patched" else "tab:orange", label=f"{lib} libllama")
+    ax.axhline(10, color="gray", ls=":", lw=1)
+    ax.set_xticks(range(len(sizes)), [str(n) for n in sizes])
+    ax.set_xlabel("cache size n_ctx (tokens)")
+    ax.set_ylabel("one-token eviction step over a dense step (%)")
+    ax.set_title(f"{header['model_name']}: eviction overhead (medians)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _soak(path: Path, summary: dict, header: dict) -> bool:
+    soak = summary["soak"]
+    if not soak:
+        return False
+    plt = _plt()
+    fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    segs = [s for s in soak["segments"] if s["ppl"]]
+    a.step([s["start"] for s in segs] + [segs[-1]["end"]], [s["ppl"] for s in segs] + [segs[-1]["ppl"]],
+           where="post", color="tab:blue")
+    a.set_ylabel("perplexity per segment")
+    a.set_ylim(0, max(s["ppl"] for s in segs) * 1.2)
+    a.set_title(f"{header['model_name']}: soak through sink — {soak['segments'][-1]['end']:,} tokens")
+    a.grid(alpha=0.3)
+    series = soak["series"]
+    b.plot([s[0] for s in series], [s[2] for s in series], color="tab:red")
+    b.axhline(soak["rss_after_fill_mb"], color="gray", ls=":", lw=1, label="just after the cache filled")
+    lo, hi = min(s[2] for s in series), max(s[2] for s in series)
+    b.set_ylim(min(lo, soak["rss_after_fill_mb"]) * 0.9, hi * 1.1)
+    b.set_ylabel("process RSS (MiB)")
+    b.set_xlabel("tokens streamed")
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

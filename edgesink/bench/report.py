@@ -1,0 +1,137 @@
+"""Writing the results: the JSON of the issue's format, CSV files, details and a Markdown report."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from .machine import summary_line
+from .summary import json_row
+
+CSV_KEYS = ("label", "policy", "n_ctx", "sinks", "evict_chunk", "cache_type_k", "stream_tokens", "tokens_scored",
+            "ppl", "vs_recompute_pct", "tokens_all", "ppl_all", "ms_per_token_median", "ms_per_token_p95",
+            "feed_tokens_per_s", "feed_scored_tokens_per_s", "kv_cache_mb", "peak_rss_mb")
+
+
+def results_json(header: dict, summary: dict) -> dict:
+    """``{"model", "machine", "results": [...]}``, the format the issue fixes."""
+    return {"model": header["model"], "machine": header["machine"],
+            "results": [json_row(r) for r in summary["rows"]]}
+
+
+def write_all(out: Path, header: dict, summary: dict, json_path: str | None = None) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    data = results_json(header, summary)
+    for path in [out / "results.json"] + ([Path(json_path)] if json_path else []):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1) + "\n")
+        written.append(path)
+    written.append(_write_csv(out / "results.csv", summary["rows"], CSV_KEYS))
+    if summary["segments"]:
+        written.append(_write_csv(out / "segments.csv", summary["segments"], list(summary["segments"][0])))
+    details = {**header, **{k: v for k, v in summary.items() if k != "rows"}}
+    (out / "details.json").write_text(json.dumps(details, indent=1, default=float) + "\n")
+    (out / "results.md").write_text(markdown(header, summary))
+    return written + [out / "details.json", out / "results.md"]
+
+
+def _write_csv(path: Path, rows: list[dict], keys) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(keys), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+    return path
+
+
+def _fmt(x, digits=2, suffix="") -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}{suffix}"
+    return f"{x}{suffix}"
+
+
+def _table(headers: list[str], lines: list[list]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
+    return "\n".join(out) + "\n"
+
+
+def markdown(header: dict, summary: dict) -> str:
+    """The report: what was run, then one table per question."""
+    cfg, rows = header["config"], summary["rows"]
+    parts = [
+        "# Context-shift benchmark\n",
+        f"- model: {header['model']}\n- text: {header['text']}\n- machine: {summary_line(header['machine'])}; "
+        f"load average at start {header['machine']['load_average_at_start']}\n"
+        f"- libllama: patch level {header['machine']['patch_level']}, llama.cpp {header['machine']['llama_cpp_commit']}; "
+        f"stock library: {header.get('stock_lib') or 'not compared'}\n"
+        f"- command: `{header['command']}`\n- date: {header['machine']['date']}; run time {header['run_seconds'] / 60:.1f} min\n",
+        f"\nPerplexity (`ppl`) is on the same positions for every policy at an n_ctx: a uniform sample of "
+        f"{cfg['sample']} positions of the first {cfg['tokens']:,} tokens where recompute was scored (fewer for "
+        f"the shorter streams). `ppl all` is over every position of the stream. `dense` cannot pass its cache "
+        f"and is scored on the first n_ctx tokens only.\n",
+    ]
+    quality_rows = [r for r in rows if r.get("ppl") is not None]
+    parts.append("\n## Quality per policy and n_ctx\n\n")
+    parts.append(_table(
+        ["policy", "n_ctx", "K type", "stream", "scored", "ppl", "vs recompute", "ppl all"],
+        [[r["label"], r["n_ctx"], r["cache_type_k"], _fmt(r.get("stream_tokens")), r["tokens_scored"], _fmt(r["ppl"]),
+          _fmt(r.get("vs_recompute_pct"), 1, "%"), _fmt(r.get("ppl_all"))] for r in quality_rows]))
+    speed_rows = [r for r in rows if r.get("ms_per_token_median") is not None]
+    parts.append("\n## Speed and memory (generation at a full cache, greedy)\n\n")
+    parts.append(_table(
+        ["policy", "n_ctx", "ms/token median", "ms/token p95", "feed tokens/s", "KV cache MiB", "peak RSS MiB"],
+        [[r["label"], r["n_ctx"], _fmt(r["ms_per_token_median"]), _fmt(r["ms_per_token_p95"]),
+          _fmt(r.get("feed_tokens_per_s"), 0), _fmt(r["kv_cache_mb"], 1), _fmt(r["peak_rss_mb"], 0)] for r in speed_rows]))
+    parts.append("\n`recompute` feeds lazily; its feed rate is one re-encoding of the window per token.\n")
+    if summary["speedup"]:
+        parts.append("\n## Speed-up of sink over recompute (per generated token)\n\n")
+        parts.append(_table(["n_ctx", "sink ms", "recompute ms", "speed-up"],
+                            [[s["n_ctx"], _fmt(s["sink_ms"]), _fmt(s["recompute_ms"]), _fmt(s["speedup"], 1, "×")]
+                             for s in summary["speedup"]]))
+    if summary["overhead"]:
+        parts.append("\n## Eviction overhead: one-token eviction vs a dense step at the same fill\n\n")
+        parts.append(_table(
+            ["n_ctx", "library", "shift", "steps", "dense ms", "evict ms", "evict/dense (median)", "evict/dense (mean)"],
+            [[o["n_ctx"], o["library"], o["shift"], o["steps"], _fmt(o["dense_ms_median"]), _fmt(o["evict_ms_median"]),
+              _fmt(o["ratio_median"], 3), _fmt(o["ratio_mean"], 3)] for o in summary["overhead"]]))
+        parts.append("\nMedians of interleaved pairs; the means include kept-forward's periodic re-base and refresh.\n")
+    if summary["sinks_sweep"]:
+        sweep = summary["sinks_sweep"]
+        sinks = sorted({s["sinks"] for s in sweep})
+        parts.append(f"\n## Perplexity vs number of sinks (sink, chunk 1; all positions of the first "
+                     f"{sweep[0]['tokens'] + 1:,} tokens)\n\n")
+        lines = []
+        for n_ctx in sorted({s["n_ctx"] for s in sweep}):
+            by = {s["sinks"]: s["ppl"] for s in sweep if s["n_ctx"] == n_ctx}
+            lines.append([n_ctx] + [_fmt(by.get(k)) for k in sinks])
+        parts.append(_table(["n_ctx"] + [f"{k} sinks" for k in sinks], lines))
+    if summary["cache_types"]:
+        parts.append("\n## K-cache type: perplexity per segment (all positions), change against f32\n\n")
+        ct = summary["cache_types"]
+        segments = sorted({c["segment"] for c in ct})
+        lines = []
+        for key in dict.fromkeys((c["label"], c["cache_type_k"]) for c in ct):
+            segs = {c["segment"]: c for c in ct if (c["label"], c["cache_type_k"]) == key}
+            lines.append([key[0], key[1]] + [f"{_fmt(segs[i]['ppl'])} ({_fmt(segs[i]['vs_f32_pct'], 2, '%')})"
+                                             for i in segments])
+        parts.append(_table(["policy", "K type"] + [f"tokens {ct[i]['start']:,}–" for i in segments], lines))
+    soak = summary["soak"]
+    if soak:
+        after = soak["rss_after_fill_mb"]
+        drift = 100 * (soak["rss_max_mb"] - soak["rss_min_after_fill_mb"]) / after
+        parts.append(f"\n## Soak: {soak['segments'][-1]['end']:,} tokens through sink\n\n"
+                     f"{soak['tokens_per_s']:.0f} tokens/s; RSS just after the cache filled {after:.1f} MiB, at the end "
+                     f"{soak['rss_end_mb']:.1f} MiB (change {100 * (soak['rss_end_mb'] / after - 1):+.2f}%), "
+                     f"range after filling {drift:.2f}% of it.\n\n")
+        parts.append(_table(["segment", "tokens", "scored", "ppl"],
+                            [[i, f"{s['start']:,}–{s['end']:,}", s["scored"], _fmt(s["ppl"])]
+                             for i, s in enumerate(soak["segments"])]))
+    plots = header.get("plots") or []
+    if plots:
+        parts.append("\n## Plots\n\n" + "".join(f"![{p}]({p})\n" for p in plots))
+    return "".join(parts)

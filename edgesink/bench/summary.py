@@ -1,0 +1,187 @@
+"""From the raw results of the jobs to the figures the report shows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import DEFAULT_SINKS, BenchConfig, Job, Variant
+from .quality import perplexity, segment_perplexities
+
+ROW_KEYS = ("policy", "n_ctx", "sinks", "evict_chunk", "cache_type_k", "tokens_scored", "ppl",
+            "ms_per_token_median", "ms_per_token_p95", "feed_tokens_per_s", "peak_rss_mb")
+
+
+@dataclass
+class Measured:
+    job: Job
+    result: dict
+    nll: np.ndarray | None = None  # quality jobs: NLL per stream position (NaN where not scored)
+
+
+def _round(x, digits=3):
+    return None if x is None else round(float(x), digits)
+
+
+def _median_p95(ms) -> tuple[float, float]:
+    return float(np.median(ms)), float(np.percentile(ms, 95))
+
+
+def shared_positions(sample: np.ndarray, measured: list[Measured], n_ctx: int, n_tokens: int) -> np.ndarray:
+    """The sample positions below ``n_tokens`` that recompute scored at ``n_ctx`` (all, without recompute)."""
+    positions = sample[sample < n_tokens]
+    for m in measured:
+        if m.job.kind == "quality" and m.job.variant.policy == "recompute" and m.job.variant.n_ctx == n_ctx:
+            positions = positions[np.isfinite(m.nll[positions])] if len(positions) else positions
+    return positions
+
+
+def summarize(config: BenchConfig, measured: list[Measured], sample: np.ndarray) -> dict:
+    """Rows (one per variant) and the sections of the report."""
+    quality = {}  # variant -> Measured (the longest stream if measured twice)
+    for m in measured:
+        if m.job.kind == "quality":
+            old = quality.get(m.job.variant)
+            if old is None or m.job.n_tokens > old.job.n_tokens:
+                quality[m.job.variant] = m
+    latency = {m.job.variant: m for m in measured if m.job.kind == "latency"}
+    variants = list(dict.fromkeys([m.job.variant for m in measured if m.job.kind in ("quality", "latency")]))
+
+    rows = []
+    for v in variants:
+        q, lat = quality.get(v), latency.get(v)
+        row = {**v.to_dict(), "label": v.label}
+        if q is not None:
+            positions = shared_positions(sample, measured, v.n_ctx, q.job.n_tokens)
+            row["ppl"], row["tokens_scored"] = perplexity(q.nll, positions)
+            row["ppl_all"], row["tokens_all"] = (perplexity(q.nll) if v.policy != "recompute" else (None, 0))
+            row["stream_tokens"] = q.job.n_tokens
+            row["feed_scored_tokens_per_s"] = q.result["tokens_fed"] / q.result["seconds"]
+        if lat is not None:
+            row["ms_per_token_median"], row["ms_per_token_p95"] = _median_p95(lat.result["ms"])
+            row["feed_tokens_per_s"] = lat.result["feed_tokens_per_s"]
+        peaks = [m.result["peak_rss_mb"] for m in measured if m.job.variant == v and not m.job.stock]
+        row["peak_rss_mb"] = max(peaks) if peaks else None
+        row["kv_cache_mb"] = (q or lat).result["kv_cache_bytes"] / 2**20
+        rows.append(row)
+    _add_relative_to_recompute(rows)
+    return {
+        "rows": rows,
+        "speedup": _speedups(rows),
+        "overhead": _overhead(measured),
+        "segments": _segments(config, quality, sample, measured),
+        "sinks_sweep": _sinks_sweep(config, quality),
+        "cache_types": _cache_types(config, quality),
+        "soak": next((m.result for m in measured if m.job.kind == "soak"), None),
+        "jobs": [{"label": m.job.label, "wall_seconds": _round(m.result["wall_seconds"], 2),
+                  "cpu_seconds": _round(m.result["cpu_seconds"], 2)} for m in measured],
+    }
+
+
+def json_row(row: dict) -> dict:
+    """A row with exactly the keys of the JSON results format (None where not measured)."""
+    found = {}
+    for key in ROW_KEYS:
+        value = row.get(key)
+        found[key] = _round(value) if isinstance(value, float) else value
+    if found["tokens_scored"] is None:
+        found["tokens_scored"] = 0
+    return found
+
+
+def _add_relative_to_recompute(rows: list[dict]) -> None:
+    for row in rows:
+        ref = next((r for r in rows if r["policy"] == "recompute" and r["n_ctx"] == row["n_ctx"]
+                    and r.get("ppl") and r.get("stream_tokens") == row.get("stream_tokens")), None)
+        if ref and row.get("ppl"):
+            row["vs_recompute_pct"] = 100 * (row["ppl"] / ref["ppl"] - 1)
+
+
+def _speedups(rows: list[dict]) -> list[dict]:
+    found = []
+    for n_ctx in sorted({r["n_ctx"] for r in rows}):
+        def ms(policy, **match):
+            for r in rows:
+                if (r["policy"] == policy and r["n_ctx"] == n_ctx and r.get("ms_per_token_median")
+                        and all(r.get(k) == v for k, v in match.items())):
+                    return r["ms_per_token_median"]
+            return None
+
+        sink, recompute = ms("sink", evict_chunk=1, sinks=DEFAULT_SINKS), ms("recompute")
+        if sink and recompute:
+            found.append({"n_ctx": n_ctx, "sink_ms": sink, "recompute_ms": recompute, "speedup": recompute / sink})
+    return found
+
+
+def _overhead(measured: list[Measured]) -> list[dict]:
+    """Eviction step vs dense step at the same fill, per n_ctx and library (rounds pooled)."""
+    pooled: dict[tuple, dict] = {}
+    for m in measured:
+        if m.job.kind != "overhead":
+            continue
+        key = (m.job.variant.n_ctx, "stock" if m.job.stock else "patched")
+        entry = pooled.setdefault(key, {"evict": [], "dense": [], "result": m.result})
+        entry["evict"] += m.result["evict_ms"]
+        entry["dense"] += m.result["dense_ms"]
+    found = []
+    for (n_ctx, library), e in sorted(pooled.items()):
+        evict, dense = np.asarray(e["evict"]), np.asarray(e["dense"])
+        found.append({
+            "n_ctx": n_ctx, "library": library, "patch_level": e["result"]["patch_level"],
+            "shift": "kept-forward" if e["result"]["kept_forward"] else "window-back", "steps": len(evict),
+            "dense_ms_median": float(np.median(dense)), "evict_ms_median": float(np.median(evict)),
+            "ratio_median": float(np.median(evict) / np.median(dense)),
+            # means include the rare re-base / refresh of kept-forward eviction
+            "dense_ms_mean": float(dense.mean()), "evict_ms_mean": float(evict.mean()),
+            "ratio_mean": float(evict.mean() / dense.mean()),
+        })
+    return found
+
+
+def _segments(config: BenchConfig, quality: dict, sample: np.ndarray, measured: list[Measured]) -> list[dict]:
+    """Perplexity per segment along the long streams (main n_ctx), on all positions and on the sample."""
+    found = []
+    for v, m in quality.items():
+        if v.n_ctx != config.main_n_ctx or m.job.n_tokens != config.tokens:
+            continue
+        positions = shared_positions(sample, measured, v.n_ctx, m.job.n_tokens)
+        on_sample = segment_perplexities(m.nll, config.segments, positions)
+        on_all = segment_perplexities(m.nll, config.segments) if v.policy != "recompute" else None
+        for i, seg in enumerate(on_sample):
+            found.append({**v.to_dict(), "label": v.label, "segment": i, "start": seg["start"], "end": seg["end"],
+                          "ppl_sample": seg["ppl"], "scored_sample": seg["scored"],
+                          "ppl_all": on_all[i]["ppl"] if on_all else None,
+                          "scored_all": on_all[i]["scored"] if on_all else 0})
+    return found
+
+
+def _sinks_sweep(config: BenchConfig, quality: dict) -> list[dict]:
+    """Perplexity (all positions of the sweep's prefix) per n_ctx and number of sinks."""
+    found = []
+    n = config.sweep_length
+    for n_ctx in config.n_ctx:
+        for s in config.sinks:
+            v = Variant.of("sink", n_ctx, config.base_type, sinks=s)
+            m = quality.get(v) or (quality.get(Variant.of("window", n_ctx, config.base_type)) if s == 0 else None)
+            if m is not None:
+                ppl, scored = perplexity(m.nll[:n])
+                found.append({"n_ctx": n_ctx, "sinks": s, "ppl": ppl, "tokens": scored})
+    return found
+
+
+def _cache_types(config: BenchConfig, quality: dict) -> list[dict]:
+    """Per-segment perplexity of the shifting policies per K-cache type, and its change against f32."""
+    found = []
+    for v, m in quality.items():
+        if v.n_ctx != config.main_n_ctx or v.policy not in ("sink", "halve") or v.evict_chunk not in (None, 1) \
+                or v.sinks != DEFAULT_SINKS or len(config.cache_types) < 2:
+            continue
+        ref = quality.get(Variant(v.policy, v.n_ctx, v.sinks, v.evict_chunk, "f32"))
+        segs = segment_perplexities(m.nll, config.segments)
+        ref_segs = segment_perplexities(ref.nll, config.segments) if ref is not None else None
+        for i, seg in enumerate(segs):
+            ref_ppl = ref_segs[i]["ppl"] if ref_segs else None
+            found.append({**v.to_dict(), "label": v.label, "segment": i, "start": seg["start"], "end": seg["end"],
+                          "ppl": seg["ppl"], "vs_f32_pct": 100 * (seg["ppl"] / ref_ppl - 1) if ref_ppl else None})
+    return found
