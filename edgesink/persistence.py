@@ -67,13 +67,15 @@ def load_session(session, path: "str | os.PathLike") -> None:
     session._validate_saved_state(header["state"])
     if C.llama_memory_can_shift(session._cache.mem):  # a plain KV cache: its cell list is checked
         _check_payload_layout(Path(path), header, payload)
-    backup = _sequence_state(session)
-    try:
-        _set_sequence_state(session, payload)
-    except SessionFileError:
-        _set_sequence_state(session, backup)
-        raise
-    session._apply_saved_state(header["state"])
+    backup, backup_state = _sequence_state(session), session._saved_state()
+    with deferred_interrupt():  # the cache and the bookkeeping change together, or not at all
+        try:
+            _set_sequence_state(session, payload)
+            session._apply_saved_state(header["state"])
+        except BaseException:
+            _set_sequence_state(session, backup)
+            session._apply_saved_state(backup_state)
+            raise
 
 
 def read_session_file(path: "str | os.PathLike") -> tuple[dict, bytes]:
@@ -214,8 +216,12 @@ def _set_sequence_state(session, payload: "bytes | memoryview") -> None:
     C.llama_memory_seq_rm(cache.mem, STREAM_SEQ, -1, -1)
     if payload:
         buf = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
-        if C.llama_state_seq_set_data(cache.ctx, buf, len(payload), STREAM_SEQ) == 0:
+        n_read = C.llama_state_seq_set_data(cache.ctx, buf, len(payload), STREAM_SEQ)
+        if n_read == 0:
             raise SessionFileError("llama.cpp refused the saved cache state (other llama.cpp version or settings)")
+        if n_read != len(payload):
+            raise SessionFileError(f"llama.cpp refused the saved cache state: it holds {len(payload)} bytes, "
+                                   f"llama.cpp read {n_read}")
 
 
 def _atomic_write(path: Path, parts: list[bytes]) -> None:

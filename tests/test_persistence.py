@@ -425,6 +425,34 @@ def test_crafted_payload_with_valid_checksums(snapshot, victim, tmp_path):
         victim.load(_write(tmp_path, _rebuild(header, bytes(garbage))))
 
 
+def test_crafted_tensor_section_with_valid_checksums(snapshot, victim, tmp_path):
+    """Past the cell list it is llama.cpp's own format: wrong types, row sizes, layer counts and
+    lengths must be refused by llama.cpp, not read out of bounds (``make asan`` runs this too)."""
+    header, payload = _split(snapshot[1])
+    n_cells = struct.unpack_from("<I", payload, 12)[0]
+    layers = 16 + 12 * n_cells + 8  # after the cells, v_trans and n_layer: layer 0's key type
+    row = struct.unpack_from("<Q", payload, layers + 4)[0]
+    layer1 = layers + 12 + n_cells * row
+    mutations = {
+        "key type": lambda p: struct.pack_into("<i", p, layers, 0),
+        "key row size": lambda p: struct.pack_into("<Q", p, layers + 4, row * 4),
+        "huge key row size": lambda p: struct.pack_into("<Q", p, layers + 4, 2**62),
+        "second layer type": lambda p: struct.pack_into("<i", p, layer1, 30),
+        "v_trans": lambda p: struct.pack_into("<I", p, layers - 8, 1),
+        "n_layer": lambda p: struct.pack_into("<I", p, layers - 4, 2**31),
+    }
+    for name, mutate in mutations.items():
+        damaged = bytearray(payload)
+        mutate(damaged)
+        with pytest.raises(SessionFileError, match="refused"):
+            victim.load(_write(tmp_path, _rebuild(header, bytes(damaged))))
+    for cut in (len(payload) - 1, len(payload) // 2, layers + 6):
+        with pytest.raises(SessionFileError, match="refused"):
+            victim.load(_write(tmp_path, _rebuild(header, payload[:cut])))
+    with pytest.raises(SessionFileError, match="refused"):  # trailing bytes
+        victim.load(_write(tmp_path, _rebuild(header, payload + b"\0" * 64)))
+
+
 def test_not_a_session_file(victim, tmp_path, model_path):
     for path, match in [(tmp_path, "directory"), (tmp_path / "missing", "no session file"),
                         (model_path, "bad magic"), (_write(tmp_path, b""), "empty")]:

@@ -60,8 +60,8 @@ def _csv(values) -> str:
               callback=_ints, help="Eviction chunks of sink.")
 @click.option("--main-n-ctx", default=DEFAULTS.main_n_ctx, show_default=True,
               help="The n_ctx of the long quality runs and the K-cache types.")
-@click.option("--sweep-tokens", type=int, default=None,
-              help="Stream length at the other n_ctx and in the sinks sweep [default: --tokens].")
+@click.option("--sweep-tokens", type=int, default=DEFAULTS.sweep_tokens, show_default=True,
+              help="Stream length at the other n_ctx and in the sinks sweep (at most --tokens).")
 @click.option("--sample", default=DEFAULTS.sample, show_default=True,
               help="Positions recompute scores (every policy is compared on them).")
 @click.option("--soak", default=0, show_default=True, help="Tokens streamed through sink in a soak (0: none).")

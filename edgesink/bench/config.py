@@ -10,6 +10,15 @@ DEFAULT_SINKS = 4  # the engine's default, used by sink and halve outside the si
 TYPE_POLICIES = ("sink", "halve")  # shifting policies run for every K-cache type (sink with chunk 1)
 
 
+def feed_batch(n_ctx: int) -> int:
+    """Tokens per feed batch: the engine's default (n_ctx/16, at most 64), passed explicitly.
+
+    A batch of b tokens evicts b first, so while feeding, sink with an evict_chunk that divides
+    b computes exactly what chunk 1 does.
+    """
+    return max(1, min(64, n_ctx // 16))
+
+
 @dataclass(frozen=True)
 class Variant:
     """One policy with its settings: a row of the results."""
@@ -44,7 +53,8 @@ class Variant:
 
     def session_options(self) -> dict:
         """Keyword arguments of :class:`edgesink.Session` for this variant."""
-        options = {"n_ctx": self.n_ctx, "policy": self.policy, "type_k": self.cache_type_k}
+        options = {"n_ctx": self.n_ctx, "policy": self.policy, "type_k": self.cache_type_k,
+                   "batch_size": feed_batch(self.n_ctx)}
         if self.policy in ("sink", "halve"):
             options["sinks"] = self.sinks
         if self.evict_chunk is not None:
@@ -74,13 +84,13 @@ class BenchConfig:
     policies: tuple[str, ...] = ("dense", "window", "sink", "halve", "recompute")
     evict_chunks: tuple[int, ...] = (1, 64)
     main_n_ctx: int = 512
-    sweep_tokens: int | None = None  # None: the same as tokens
-    sample: int = 200  # positions scored by recompute (and on which every policy is compared)
+    sweep_tokens: int | None = 3_072  # None: the same as tokens
+    sample: int = 128  # positions scored by recompute (and on which every policy is compared)
     segments: int = 10  # per-segment perplexity along the quality streams
-    gen_tokens: int = 64  # tokens generated per latency measurement
+    gen_tokens: int = 32  # tokens generated per latency measurement
     gen_tokens_recompute: int = 4  # each one re-encodes the whole window
-    feed_tokens: int = 512  # tokens fed at a full cache to measure feed tokens/s
-    overhead_steps: int = 200  # eviction / dense step pairs per round
+    feed_tokens: int = 256  # tokens fed at a full cache to measure feed tokens/s
+    overhead_steps: int = 150  # eviction / dense step pairs per round
     overhead_rounds: int = 2  # patched and stock rounds, alternated
     soak: int = 0  # tokens streamed through sink in the soak (0: no soak)
     soak_segment: int = 65_536
@@ -155,7 +165,8 @@ def plan(config: BenchConfig) -> list[Job]:
     base = config.base_type
     for n_ctx in config.n_ctx:
         for v in config.policy_variants(n_ctx):
-            jobs.append(Job("quality", v, config.tokens_for(n_ctx)))
+            if not same_quality_as_chunk_1(v):
+                jobs.append(Job("quality", v, config.tokens_for(n_ctx)))
     for t in config.cache_types[1:]:
         for policy in TYPE_POLICIES:
             if policy in config.policies:
@@ -182,3 +193,8 @@ def plan(config: BenchConfig) -> list[Job]:
     if config.soak:
         jobs.append(Job("soak", Variant.of("sink", config.main_n_ctx, base), config.soak))
     return jobs
+
+
+def same_quality_as_chunk_1(v: Variant) -> bool:
+    """Feeding sink in batches that its evict_chunk divides computes exactly what chunk 1 does."""
+    return v.policy == "sink" and v.evict_chunk != 1 and feed_batch(v.n_ctx) % v.evict_chunk == 0

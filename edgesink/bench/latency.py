@@ -25,7 +25,7 @@ def generation_latencies(session: Session, n_tokens: int) -> list[float]:
         last = time.perf_counter()
         for chunk in session.stream_generate(n_tokens - len(found), top_k=1, seed=0):
             now = time.perf_counter()
-            if chunk.token is not None:
+            if chunk.token is not None or chunk.finish_reason == "stop":  # "stop": an end token was decoded
                 found.append((now - last) * 1000)
             last = now
     return found

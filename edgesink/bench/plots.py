@@ -32,46 +32,33 @@ def plot_all(out: Path, summary: dict, header: dict) -> list[str]:
 
 
 def _logppl_stream(path: Path, summary: dict, header: dict) -> bool:
-    segs = [s for s in summary["segments"] if s["cache_type_k"] == header["config"]["cache_types"][0]]
-    if not segs:
+    curves = summary["stream_curves"]
+    if not curves:
         return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for label in dict.fromkeys(s["label"] for s in segs):
-        mine = [s for s in segs if s["label"] == label]
-        policy = mine[0]["policy"]
-        mid = [(s["start"] + s["end"]) / 2 for s in mine]
-        if policy == "recompute":
-            pts = [(m, s["ppl_sample"]) for m, s in zip(mid, mine) if s["ppl_sample"]]
-            ax.plot([p[0] for p in pts], [_log(p[1]) for p in pts], "o--", color=_color(label, policy),
-                    label=f"{label} (sampled positions)")
-        elif policy == "dense":
-            n_ctx = mine[0]["n_ctx"]
-            first = mine[0]
-            if first["ppl_all"]:
-                ax.plot([first["start"], min(first["end"], n_ctx)], [_log(first["ppl_all"])] * 2, "-",
-                        color="black", lw=3, label=f"dense (stops at n_ctx {n_ctx})")
-        else:
-            pts = [(m, s["ppl_all"]) for m, s in zip(mid, mine) if s["ppl_all"]]
-            ax.plot([p[0] for p in pts], [_log(p[1]) for p in pts], "-", marker=".", color=_color(label, policy),
-                    label=label)
-    n_ctx = segs[0]["n_ctx"]
-    ax.axvline(n_ctx, color="gray", lw=0.8, ls=":")
-    ax.set_xlabel("position in the stream (tokens)")
-    ax.set_ylabel("log perplexity (mean NLL per segment, nats)")
-    ax.set_title(f"{header['model_name']}: log-perplexity along the stream, n_ctx {n_ctx}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    n_ctx = curves[0]["n_ctx"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8.5, 7.5), sharex=True)
+    for c in curves:
+        color, label = _color(c["label"], c["policy"]), c["label"]
+        pts = [(x, y) for x, y in zip(c["segment_mid"], c["segment_nll"]) if y is not None]
+        if pts:
+            style = dict(lw=3) if c["policy"] == "dense" else dict(marker=".")
+            top.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=color, label=label, **style)
+        bottom.plot(c["sample_positions"], c["sample_running_nll"], "-", color=color, label=label,
+                    lw=2.5 if c["policy"] in ("recompute", "dense") else 1.2)
+    for ax in (top, bottom):
+        ax.axvline(n_ctx, color="gray", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+    top.set_ylabel("mean NLL per segment (nats)\nall positions")
+    top.set_title(f"{header['model_name']}: log-perplexity along the stream, n_ctx {n_ctx}")
+    n = len(curves[0]["sample_positions"])
+    bottom.set_ylabel(f"running log-perplexity (nats)\non the {n} shared sampled positions")
+    bottom.set_xlabel("position in the stream (tokens); dotted: n_ctx")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-def _log(x: float) -> float:
-    import math
-
-    return math.log(x)
 
 
 def _latency(path: Path, summary: dict, header: dict) -> bool:
@@ -86,8 +73,8 @@ def _latency(path: Path, summary: dict, header: dict) -> bool:
         med = [r["ms_per_token_median"] for r in mine]
         p95 = [r["ms_per_token_p95"] for r in mine]
         color = _color(label, mine[0]["policy"])
-        ax.plot(x, med, "o-", color=color, label=label)
-        ax.fill_between(x, med, p95, color=color, alpha=0.12)
+        ax.errorbar(x, med, yerr=[[0] * len(x), [p - m for p, m in zip(p95, med)]], fmt="o-", color=color,
+                    label=label, capsize=3, lw=1.2)
     stock = [o for o in summary["overhead"] if o["library"] == "stock"]
     if stock:
         ax.plot([o["n_ctx"] for o in stock], [o["evict_ms_median"] for o in stock], "x:", color="tab:orange",
@@ -95,7 +82,7 @@ def _latency(path: Path, summary: dict, header: dict) -> bool:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("cache size n_ctx (tokens)")
-    ax.set_ylabel("ms per generated token (median; band to p95)")
+    ax.set_ylabel("ms per generated token (median; bar to p95)")
     ax.set_title(f"{header['model_name']}: per-token latency at a full cache")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")

@@ -73,13 +73,17 @@ def markdown(header: dict, summary: dict) -> str:
         f"\nPerplexity (`ppl`) is on the same positions for every policy at an n_ctx: a uniform sample of "
         f"{cfg['sample']} positions of the first {cfg['tokens']:,} tokens where recompute was scored (fewer for "
         f"the shorter streams). `ppl all` is over every position of the stream. `dense` cannot pass its cache "
-        f"and is scored on the first n_ctx tokens only.\n",
+        f"and is scored on the first n_ctx tokens only. Tokens are fed in the engine's default batches (n_ctx/16, at "
+        f"most 64): a batch of b tokens evicts b first, so while feeding, sink evicts per batch; an eviction chunk "
+        f"that divides b computes exactly what chunk 1 does (rows marked \"= chunk 1\" share its run). Generation "
+        f"evicts per token.\n",
     ]
     quality_rows = [r for r in rows if r.get("ppl") is not None]
     parts.append("\n## Quality per policy and n_ctx\n\n")
     parts.append(_table(
         ["policy", "n_ctx", "K type", "stream", "scored", "ppl", "vs recompute", "ppl all"],
-        [[r["label"], r["n_ctx"], r["cache_type_k"], _fmt(r.get("stream_tokens")), r["tokens_scored"], _fmt(r["ppl"]),
+        [[r["label"] + (" (= chunk 1)" if r.get("quality_of_chunk_1") else ""), r["n_ctx"], r["cache_type_k"],
+          _fmt(r.get("stream_tokens")), r["tokens_scored"], _fmt(r["ppl"]),
           _fmt(r.get("vs_recompute_pct"), 1, "%"), _fmt(r.get("ppl_all"))] for r in quality_rows]))
     speed_rows = [r for r in rows if r.get("ms_per_token_median") is not None]
     parts.append("\n## Speed and memory (generation at a full cache, greedy)\n\n")

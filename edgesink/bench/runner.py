@@ -63,7 +63,10 @@ def _worker_env(stock_lib: str | None) -> dict:
 def _progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="tok", unit_scale=True, disable=not enabled, dynamic_ncols=True,
+    import sys
+
+    interval = 0.5 if sys.stderr.isatty() else 30  # a log file gets a line every 30 s, not a flood
+    return tqdm(total=total, unit="tok", unit_scale=True, disable=not enabled, dynamic_ncols=True, mininterval=interval,
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} token-steps [{elapsed}<{remaining}]")
 
 
@@ -87,7 +90,7 @@ def run_benchmark(config: BenchConfig, *, progress: bool = True) -> dict:
     with load(model_path) as model:
         text_name, tokens = stream_tokens(model, config.text, needed)
         model_name = model_path.name
-        model_desc = f"{model_path.name} ({model.description()}, {model.size_bytes / 1e6:.0f} MB)"
+        model_desc = f"{model_path.name} ({model.architecture}, {model.n_layer} layers, {model.size_bytes / 1e6:.0f} MB)"
     sample = uniform_sample(config.tokens, config.sample, config.seed)
     measured: list[Measured] = []
     with tempfile.TemporaryDirectory(prefix="edgesink-bench-") as tmp:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-from .config import DEFAULT_SINKS, BenchConfig, Job, Variant
+from .config import DEFAULT_SINKS, BenchConfig, Job, Variant, same_quality_as_chunk_1
 from .quality import perplexity, segment_perplexities
 
 ROW_KEYS = ("policy", "n_ctx", "sinks", "evict_chunk", "cache_type_k", "tokens_scored", "ppl",
@@ -47,6 +48,12 @@ def summarize(config: BenchConfig, measured: list[Measured], sample: np.ndarray)
                 quality[m.job.variant] = m
     latency = {m.job.variant: m for m in measured if m.job.kind == "latency"}
     variants = list(dict.fromkeys([m.job.variant for m in measured if m.job.kind in ("quality", "latency")]))
+    own = dict(quality)
+    shared = {}  # variants whose quality is that of chunk 1 (not run twice)
+    for v in variants:
+        chunk_1 = dataclasses.replace(v, evict_chunk=1)
+        if v not in quality and same_quality_as_chunk_1(v) and chunk_1 in quality:
+            quality[v] = shared[v] = quality[chunk_1]
 
     rows = []
     for v in variants:
@@ -58,6 +65,7 @@ def summarize(config: BenchConfig, measured: list[Measured], sample: np.ndarray)
             row["ppl_all"], row["tokens_all"] = (perplexity(q.nll) if v.policy != "recompute" else (None, 0))
             row["stream_tokens"] = q.job.n_tokens
             row["feed_scored_tokens_per_s"] = q.result["tokens_fed"] / q.result["seconds"]
+            row["quality_of_chunk_1"] = v in shared
         if lat is not None:
             row["ms_per_token_median"], row["ms_per_token_p95"] = _median_p95(lat.result["ms"])
             row["feed_tokens_per_s"] = lat.result["feed_tokens_per_s"]
@@ -70,9 +78,10 @@ def summarize(config: BenchConfig, measured: list[Measured], sample: np.ndarray)
         "rows": rows,
         "speedup": _speedups(rows),
         "overhead": _overhead(measured),
-        "segments": _segments(config, quality, sample, measured),
-        "sinks_sweep": _sinks_sweep(config, quality),
-        "cache_types": _cache_types(config, quality),
+        "segments": _segments(config, own, sample, measured),
+        "stream_curves": _stream_curves(config, own, sample, measured),
+        "sinks_sweep": _sinks_sweep(config, own),
+        "cache_types": _cache_types(config, own),
         "soak": next((m.result for m in measured if m.job.kind == "soak"), None),
         "jobs": [{"label": m.job.label, "wall_seconds": _round(m.result["wall_seconds"], 2),
                   "cpu_seconds": _round(m.result["cpu_seconds"], 2)} for m in measured],
@@ -142,9 +151,7 @@ def _overhead(measured: list[Measured]) -> list[dict]:
 def _segments(config: BenchConfig, quality: dict, sample: np.ndarray, measured: list[Measured]) -> list[dict]:
     """Perplexity per segment along the long streams (main n_ctx), on all positions and on the sample."""
     found = []
-    for v, m in quality.items():
-        if v.n_ctx != config.main_n_ctx or m.job.n_tokens != config.tokens:
-            continue
+    for v, m in _main_variants(config, quality):
         positions = shared_positions(sample, measured, v.n_ctx, m.job.n_tokens)
         on_sample = segment_perplexities(m.nll, config.segments, positions)
         on_all = segment_perplexities(m.nll, config.segments) if v.policy != "recompute" else None
@@ -184,4 +191,34 @@ def _cache_types(config: BenchConfig, quality: dict) -> list[dict]:
             ref_ppl = ref_segs[i]["ppl"] if ref_segs else None
             found.append({**v.to_dict(), "label": v.label, "segment": i, "start": seg["start"], "end": seg["end"],
                           "ppl": seg["ppl"], "vs_f32_pct": 100 * (seg["ppl"] / ref_ppl - 1) if ref_ppl else None})
+    return found
+
+
+STREAM_SEGMENTS = 40  # points of the per-segment curves in the log-perplexity plot
+
+
+def _main_variants(config: BenchConfig, quality: dict):
+    """The long quality runs at the main n_ctx with the first K type, one per policy variant."""
+    for v, m in quality.items():
+        if (v.n_ctx == config.main_n_ctx and m.job.n_tokens == config.tokens and v.cache_type_k == config.base_type
+                and (v.policy != "sink" or v.sinks == DEFAULT_SINKS)):
+            yield v, m
+
+
+def _stream_curves(config: BenchConfig, quality: dict, sample: np.ndarray, measured: list[Measured]) -> list[dict]:
+    """Log-perplexity along the main stream: per segment on all positions, and running on the sample."""
+    found = []
+    for v, m in _main_variants(config, quality):
+        edges = np.linspace(0, len(m.nll), STREAM_SEGMENTS + 1).astype(int)
+        seg_nll = []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            part = m.nll[lo:hi][np.isfinite(m.nll[lo:hi])]
+            seg_nll.append(float(part.mean()) if len(part) and v.policy != "recompute" else None)
+        positions = shared_positions(sample, measured, v.n_ctx, m.job.n_tokens)
+        values = m.nll[positions]
+        ok = np.isfinite(values)
+        running = np.cumsum(values[ok]) / np.arange(1, ok.sum() + 1)
+        found.append({**v.to_dict(), "label": v.label,
+                      "segment_mid": ((edges[:-1] + edges[1:]) / 2).tolist(), "segment_nll": seg_nll,
+                      "sample_positions": positions[ok].tolist(), "sample_running_nll": running.tolist()})
     return found

@@ -1,0 +1,117 @@
+"""The context-shift benchmark on a tiny configuration (real model, real prose): it runs end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgesink.bench import BenchConfig, run_benchmark
+from edgesink.bench.config import Variant, plan
+from edgesink.bench.corpus import uniform_sample
+from edgesink.bench.summary import ROW_KEYS
+from edgesink.bench.worker import run_in_worker
+
+REPO = Path(__file__).resolve().parents[1]
+STOCK_LIB = REPO / "build" / "stock" / "lib"
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def tiny_config(out: Path, **changes) -> BenchConfig:
+    settings = dict(tokens=400, n_ctx=(64,), sinks=(0, 1, 4), cache_types=("f16", "f32"), evict_chunks=(1, 16),
+                    sample=8, segments=4, gen_tokens=4, gen_tokens_recompute=2, feed_tokens=16,
+                    overhead_steps=6, overhead_rounds=1, soak=600, soak_segment=256, threads=2,
+                    isolate=False, plots=HAS_MATPLOTLIB, out=str(out), json_path=str(out / "copy.json"))
+    settings.update(changes)
+    return BenchConfig(**settings)
+
+
+def test_plan_covers_every_policy_and_reuses_runs():
+    config = BenchConfig(tokens=1000, n_ctx=(256, 512), sinks=(0, 1, 4), sweep_tokens=500)
+    jobs = plan(config)
+    quality = [j for j in jobs if j.kind == "quality"]
+    assert {j.variant.policy for j in quality} == {"dense", "window", "sink", "halve", "recompute"}
+    assert {j.variant.evict_chunk for j in quality if j.variant.policy == "sink"} == {1, 64}
+    # sinks 0 is window and sinks 4 is the main sink run: neither is run again
+    swept = {(j.variant.n_ctx, j.variant.sinks) for j in quality if j.variant.policy == "sink" and j.variant.evict_chunk == 1}
+    assert swept == {(256, 1), (256, 4), (512, 1), (512, 4)}
+    assert all(j.n_tokens == (1000 if j.variant.n_ctx == 512 else 500) for j in quality
+               if j.variant.sinks != 1)
+    types = {(j.variant.policy, j.variant.cache_type_k) for j in quality if j.variant.cache_type_k != "f16"}
+    assert types == {("sink", "q8_0"), ("sink", "f32"), ("halve", "q8_0"), ("halve", "f32")}
+    assert {j.kind for j in jobs} == {"quality", "latency", "overhead"}
+
+
+def test_uniform_sample_is_spread_and_excludes_position_zero():
+    sample = uniform_sample(10_000, 100, seed=3)
+    assert len(sample) == 100 and sample.min() >= 1 and sample.max() < 10_000
+    assert np.all(np.diff(sample) > 0)
+    assert np.histogram(sample, bins=10, range=(0, 10_000))[0].tolist() == [10] * 10
+
+
+def test_tiny_benchmark_end_to_end(tmp_path):
+    summary = run_benchmark(tiny_config(tmp_path), progress=False)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert set(data) == {"model", "machine", "results"}
+    assert data == json.loads((tmp_path / "copy.json").read_text())
+    assert all(tuple(r) == ROW_KEYS for r in data["results"])
+    by = {(r["policy"], r["sinks"], r["evict_chunk"], r["cache_type_k"]): r for r in data["results"]}
+    for key in [("dense", 0, None, "f16"), ("window", 0, 1, "f16"), ("sink", 4, 1, "f16"), ("sink", 4, 16, "f16"),
+                ("halve", 4, None, "f16"), ("recompute", 0, None, "f16")]:
+        row = by[key]
+        assert row["ppl"] > 1 and row["ms_per_token_median"] > 0 and row["peak_rss_mb"] > 0, key
+        assert row["ms_per_token_p95"] >= row["ms_per_token_median"]
+    # every policy on the same positions (dense only up to its full cache)
+    scored = {k: r["tokens_scored"] for k, r in by.items() if k[0] != "dense" and r["ppl"] is not None
+              and r["cache_type_k"] == "f16" and k[1:] != (1, 1, "f16")}
+    assert len(set(scored.values())) == 1 and 0 < min(scored.values()) <= 8
+    assert by[("dense", 0, None, "f16")]["tokens_scored"] <= min(scored.values())
+    assert by[("sink", 4, 1, "f32")]["ppl"] > 1 and by[("sink", 1, 1, "f16")]["ppl"] > 1
+    # window loses the first tokens and collapses; sinks keep it sane
+    window, sink = summary["rows"], None
+    window = next(r for r in summary["rows"] if r["policy"] == "window")["ppl_all"]
+    sink = next(r for r in summary["rows"] if r["label"] == "sink(4, chunk 1)" and r["cache_type_k"] == "f16")["ppl_all"]
+    assert window > 1.5 * sink
+    assert summary["speedup"][0]["speedup"] > 1
+    assert {o["library"] for o in summary["overhead"]} == ({"patched", "stock"} if STOCK_LIB.is_dir() else {"patched"})
+    soak = summary["soak"]
+    assert [s["end"] for s in soak["segments"]] == [256, 512, 600] and all(s["ppl"] for s in soak["segments"])
+    assert soak["evictions"] == 600 - 64 + 4 - 4 or soak["evictions"] > 500
+    report = (tmp_path / "results.md").read_text()
+    for heading in ("Quality per policy", "Speed and memory", "Eviction overhead", "number of sinks", "K-cache type",
+                    "Soak"):
+        assert heading in report
+    assert (tmp_path / "results.csv").exists() and (tmp_path / "segments.csv").exists()
+    if HAS_MATPLOTLIB:
+        for name in ("logppl_stream.png", "latency_vs_cache.png", "ppl_vs_sinks.png", "soak.png"):
+            assert (tmp_path / name).stat().st_size > 10_000, name
+
+
+@pytest.mark.skipif(not STOCK_LIB.is_dir(), reason="no stock library (make stock-lib)")
+def test_worker_process_loads_the_stock_library(tmp_path, model_path, model):
+    tokens = np.asarray(model.tokenize("It is a truth universally acknowledged. " * 20), dtype=np.int32)
+    np.save(tmp_path / "t.npy", tokens)
+    job = {"kind": "overhead", "variant": Variant.of("sink", 64).to_dict(), "model": str(model_path),
+           "tokens_file": str(tmp_path / "t.npy"), "n_tokens": 0, "threads": 2, "options": {"steps": 4}}
+    import os
+
+    env = {**os.environ, "EDGESINK_LIB_PATH": str(STOCK_LIB)}
+    seen = []
+    result = run_in_worker(job, env=env, progress=seen.append)
+    assert result["patch_level"] == 0 and not result["kept_forward"]
+    assert len(result["evict_ms"]) == len(result["dense_ms"]) == 4
+    assert sum(seen) == 64 + 2 * (8 + 4) and result["peak_rss_mb"] > 0
+
+
+def test_cli_rejects_bad_flags(tmp_path):
+    from edgesink.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "--policies", "sink,nope", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "nope" in result.output
+    result = CliRunner().invoke(main, ["bench", "--n-ctx", "4", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "sinks" in result.output
+    assert "--soak" in CliRunner().invoke(main, ["bench", "--help"]).output
