@@ -42,8 +42,8 @@ $(VENV)/bin/python:
 # The pinned llama-cpp-python supplies only the Python bindings: LLAMA_BUILD=OFF compiles nothing,
 # the bindings load edgesink's patched libllama instead.
 $(VENV)/.bindings-installed: native/upstream.json | $(VENV)/bin/python
-	$(PIP) install "scikit-build-core>=0.10" "cmake>=3.21" ninja numpy typing-extensions diskcache jinja2
-	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PIP) install "$$($(PY) native/upstream.py sdist)"
+	$(PIP) install "scikit-build-core>=0.10" "cmake>=3.21,<4" ninja numpy typing-extensions diskcache jinja2
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PIP) install --no-build-isolation "$$($(PY) native/upstream.py sdist)"
 	touch $@
 
 $(VENV)/.edgesink-installed: $(VENV)/.bindings-installed $(NATIVE_INPUTS)
@@ -90,3 +90,24 @@ asan: setup $(VENV)/.test-deps
 
 clean:
 	rm -rf build $(VENV)
+
+# The context-shift benchmark (benchmarks/README.md). 'make bench' is a quick run into build/bench
+# (BENCH_ARGS changes it); 'make bench-results' runs the committed configuration into
+# benchmarks/results: about 40 minutes on 2 quiet cores, a 100,000-token soak included
+# (SOAK=1000000 for the issue's million tokens: about 75 minutes more).
+BENCH_ARGS ?= --tokens 3000 --n-ctx 256,512 --sinks 0,1,4 --sample 20 --soak 20000
+SOAK ?= 100000
+BENCH_RESULTS_ARGS := --tokens 20000 --n-ctx 256,512,1024,2048 --sinks 0,1,2,4,8 --cache-type-k f16,q8_0,f32 \
+                      --policies dense,window,sink,halve,recompute --evict-chunk 1,64 --main-n-ctx 512 \
+                      --sweep-tokens 3072 --sample 128 --soak $(SOAK)
+
+.PHONY: bench bench-results
+bench: setup $(VENV)/.bench-deps $(CORPUS) $(STOCK_LIB)
+	$(VENV)/bin/edgesink bench --out build/bench $(BENCH_ARGS)
+
+bench-results: setup $(VENV)/.bench-deps $(CORPUS) $(STOCK_LIB)
+	$(VENV)/bin/edgesink bench --out benchmarks/results $(BENCH_RESULTS_ARGS)
+
+$(VENV)/.bench-deps: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install "matplotlib>=3.7" "tqdm>=4.66"
+	touch $@
