@@ -58,7 +58,9 @@ def fetch_sdist() -> Path:
     spec = f"{PIN['package']}=={PIN['version']}"
     print(f"edgesink: downloading {spec} source distribution", file=sys.stderr)
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+        # --no-binary names the package alone: with ":all:" pip would also build the sdist's
+        # build requirements (cmake among them) from source just to read its metadata.
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", PIN["package"],
          "--disable-pip-version-check", "-d", str(CACHE_DIR), spec],
         check=True, stdout=sys.stderr,
     )
