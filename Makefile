@@ -94,7 +94,7 @@ clean:
 # The context-shift benchmark (benchmarks/README.md). 'make bench' is a quick run into build/bench
 # (BENCH_ARGS changes it); 'make bench-results' runs the committed configuration into
 # benchmarks/results: about 40 minutes on 2 quiet cores, a 100,000-token soak included
-# (SOAK=1000000 for the issue's million tokens: about 75 minutes more).
+# (SOAK=1000000 for the issue's million tokens: about 80 minutes more). Run it on a quiet machine.
 BENCH_ARGS ?= --tokens 3000 --n-ctx 256,512 --sinks 0,1,4 --sample 20 --soak 20000
 SOAK ?= 100000
 BENCH_RESULTS_ARGS := --tokens 20000 --n-ctx 256,512,1024,2048 --sinks 0,1,2,4,8 --cache-type-k f16,q8_0,f32 \

@@ -22,9 +22,10 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 def tiny_config(out: Path, **changes) -> BenchConfig:
-    settings = dict(tokens=400, n_ctx=(64,), sinks=(0, 1, 4), cache_types=("f16", "f32"), evict_chunks=(1, 16),
+    settings = dict(tokens=192, n_ctx=(64,), sinks=(0, 1, 4), cache_types=("f16", "f32"), evict_chunks=(1, 8),
                     sample=8, segments=4, gen_tokens=4, gen_tokens_recompute=2, feed_tokens=16,
-                    overhead_steps=6, overhead_rounds=1, soak=600, soak_segment=256, threads=2,
+                    overhead_steps=6, overhead_rounds=1, soak=384, soak_segment=256, threads=1,
+                    stock_lib=str(STOCK_LIB) if STOCK_LIB.is_dir() else None,
                     isolate=False, plots=HAS_MATPLOTLIB, out=str(out), json_path=str(out / "copy.json"))
     settings.update(changes)
     return BenchConfig(**settings)
@@ -42,7 +43,7 @@ def test_plan_covers_every_policy_and_reuses_runs():
     assert all(j.n_tokens == (1000 if j.variant.n_ctx == 512 else 500) for j in quality
                if j.variant.sinks != 1)
     types = {(j.variant.policy, j.variant.cache_type_k) for j in quality if j.variant.cache_type_k != "f16"}
-    assert types == {("sink", "q8_0"), ("sink", "f32"), ("halve", "q8_0"), ("halve", "f32")}
+    assert types == {("sink", "q8_0"), ("sink", "f32"), ("halve", "f32")}
     assert {j.kind for j in jobs} == {"quality", "latency", "overhead"}
 
 
@@ -60,27 +61,26 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     assert data == json.loads((tmp_path / "copy.json").read_text())
     assert all(tuple(r) == ROW_KEYS for r in data["results"])
     by = {(r["policy"], r["sinks"], r["evict_chunk"], r["cache_type_k"]): r for r in data["results"]}
-    for key in [("dense", 0, None, "f16"), ("window", 0, 1, "f16"), ("sink", 4, 1, "f16"), ("sink", 4, 16, "f16"),
+    for key in [("dense", 0, None, "f16"), ("window", 0, 1, "f16"), ("sink", 4, 1, "f16"), ("sink", 4, 8, "f16"),
                 ("halve", 4, None, "f16"), ("recompute", 0, None, "f16")]:
         row = by[key]
         assert row["ppl"] > 1 and row["ms_per_token_median"] > 0 and row["peak_rss_mb"] > 0, key
         assert row["ms_per_token_p95"] >= row["ms_per_token_median"]
     # every policy on the same positions (dense only up to its full cache)
-    scored = {k: r["tokens_scored"] for k, r in by.items() if k[0] != "dense" and r["ppl"] is not None
-              and r["cache_type_k"] == "f16" and k[1:] != (1, 1, "f16")}
+    scored = {k: r["tokens_scored"] for k, r in by.items() if k[0] != "dense"}
     assert len(set(scored.values())) == 1 and 0 < min(scored.values()) <= 8
     assert by[("dense", 0, None, "f16")]["tokens_scored"] <= min(scored.values())
     assert by[("sink", 4, 1, "f32")]["ppl"] > 1 and by[("sink", 1, 1, "f16")]["ppl"] > 1
     # window loses the first tokens and collapses; sinks keep it sane
-    window, sink = summary["rows"], None
     window = next(r for r in summary["rows"] if r["policy"] == "window")["ppl_all"]
     sink = next(r for r in summary["rows"] if r["label"] == "sink(4, chunk 1)" and r["cache_type_k"] == "f16")["ppl_all"]
     assert window > 1.5 * sink
     assert summary["speedup"][0]["speedup"] > 1
     assert {o["library"] for o in summary["overhead"]} == ({"patched", "stock"} if STOCK_LIB.is_dir() else {"patched"})
     soak = summary["soak"]
-    assert [s["end"] for s in soak["segments"]] == [256, 512, 600] and all(s["ppl"] for s in soak["segments"])
-    assert soak["evictions"] == 600 - 64 + 4 - 4 or soak["evictions"] > 500
+    assert [s["end"] for s in soak["segments"]] == [256, 384] and all(s["ppl"] for s in soak["segments"])
+    assert soak["evictions"] == 384 - 64 and soak["tokens_in_cache"] == 64
+    assert abs(soak["rss_end_mb"] / soak["rss_after_fill_mb"] - 1) < 0.05
     report = (tmp_path / "results.md").read_text()
     for heading in ("Quality per policy", "Speed and memory", "Eviction overhead", "number of sinks", "K-cache type",
                     "Soak"):

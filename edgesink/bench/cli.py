@@ -59,7 +59,7 @@ def _csv(values) -> str:
 @click.option("--evict-chunk", "evict_chunks", default=_csv(DEFAULTS.evict_chunks), show_default=True,
               callback=_ints, help="Eviction chunks of sink.")
 @click.option("--main-n-ctx", default=DEFAULTS.main_n_ctx, show_default=True,
-              help="The n_ctx of the long quality runs and the K-cache types.")
+              help="The n_ctx of the long quality runs, the K-cache types and the soak (if not in --n-ctx: the first).")
 @click.option("--sweep-tokens", type=int, default=DEFAULTS.sweep_tokens, show_default=True,
               help="Stream length at the other n_ctx and in the sinks sweep (at most --tokens).")
 @click.option("--sample", default=DEFAULTS.sample, show_default=True,

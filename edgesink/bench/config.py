@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..policies import POLICY_NAMES
 
 DEFAULT_SINKS = 4  # the engine's default, used by sink and halve outside the sinks sweep
-TYPE_POLICIES = ("sink", "halve")  # shifting policies run for every K-cache type (sink with chunk 1)
+# The K-cache type dimension: sink (chunk 1), whose few kept cells are shifted again and again,
+# runs with every type; halve, which shifts rarely, only with f32 as the reference for its drift.
+TYPE_POLICIES = {"sink": None, "halve": ("f32",)}
 
 
 def feed_batch(n_ctx: int) -> int:
@@ -149,9 +151,8 @@ class Job:
 
     kind: str  # "quality", "latency", "overhead", "soak"
     variant: Variant
-    n_tokens: int = 0
+    n_tokens: int = 0  # tokens streamed (quality, soak); 0: as many as the job needs
     stock: bool = False  # run against the unpatched libllama
-    options: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -168,8 +169,8 @@ def plan(config: BenchConfig) -> list[Job]:
             if not same_quality_as_chunk_1(v):
                 jobs.append(Job("quality", v, config.tokens_for(n_ctx)))
     for t in config.cache_types[1:]:
-        for policy in TYPE_POLICIES:
-            if policy in config.policies:
+        for policy, types in TYPE_POLICIES.items():
+            if policy in config.policies and (types is None or t in types):
                 jobs.append(Job("quality", Variant.of(policy, config.main_n_ctx, t), config.tokens))
     if "sink" in config.policies:
         done = {j.variant for j in jobs}

@@ -10,7 +10,7 @@ from .machine import summary_line
 from .summary import json_row
 
 CSV_KEYS = ("label", "policy", "n_ctx", "sinks", "evict_chunk", "cache_type_k", "stream_tokens", "tokens_scored",
-            "ppl", "vs_recompute_pct", "tokens_all", "ppl_all", "ms_per_token_median", "ms_per_token_p95",
+            "ppl", "vs_recompute_pct", "vs_recompute_se_pct", "tokens_all", "ppl_all", "ms_per_token_median", "ms_per_token_p95",
             "feed_tokens_per_s", "feed_scored_tokens_per_s", "kv_cache_mb", "peak_rss_mb")
 
 
@@ -54,6 +54,12 @@ def _fmt(x, digits=2, suffix="") -> str:
     return f"{x}{suffix}"
 
 
+def _vs(row: dict) -> str:
+    if row.get("vs_recompute_pct") is None:
+        return "–"
+    return f"{row['vs_recompute_pct']:+.1f}% ± {row['vs_recompute_se_pct']:.1f}%"
+
+
 def _table(headers: list[str], lines: list[list]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
@@ -78,13 +84,16 @@ def markdown(header: dict, summary: dict) -> str:
         f"that divides b computes exactly what chunk 1 does (rows marked \"= chunk 1\" share its run). Generation "
         f"evicts per token.\n",
     ]
+    headline = headlines(header, summary)
+    if headline:
+        parts.append("\n## Headline\n\n" + "".join(f"- {line}\n" for line in headline))
     quality_rows = [r for r in rows if r.get("ppl") is not None]
     parts.append("\n## Quality per policy and n_ctx\n\n")
     parts.append(_table(
-        ["policy", "n_ctx", "K type", "stream", "scored", "ppl", "vs recompute", "ppl all"],
+        ["policy", "n_ctx", "K type", "stream", "scored", "ppl", "vs recompute (± s.e.)", "ppl all"],
         [[r["label"] + (" (= chunk 1)" if r.get("quality_of_chunk_1") else ""), r["n_ctx"], r["cache_type_k"],
           _fmt(r.get("stream_tokens")), r["tokens_scored"], _fmt(r["ppl"]),
-          _fmt(r.get("vs_recompute_pct"), 1, "%"), _fmt(r.get("ppl_all"))] for r in quality_rows]))
+          _vs(r), _fmt(r.get("ppl_all"))] for r in quality_rows]))
     speed_rows = [r for r in rows if r.get("ms_per_token_median") is not None]
     parts.append("\n## Speed and memory (generation at a full cache, greedy)\n\n")
     parts.append(_table(
@@ -139,3 +148,56 @@ def markdown(header: dict, summary: dict) -> str:
     if plots:
         parts.append("\n## Plots\n\n" + "".join(f"![{p}]({p})\n" for p in plots))
     return "".join(parts)
+
+
+def _find(rows, **match):
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def headlines(header: dict, summary: dict) -> list[str]:
+    """The figures the issue's targets are about, one line each (what the README quotes)."""
+    cfg, rows, lines = header["config"], summary["rows"], []
+    main, base = cfg["main_n_ctx"], cfg["cache_types"][0]
+    sink = _find(rows, policy="sink", n_ctx=main, sinks=4, evict_chunk=1, cache_type_k=base)
+    rec = _find(rows, policy="recompute", n_ctx=main, cache_type_k=base)
+    halve = _find(rows, policy="halve", n_ctx=main, cache_type_k=base)
+    window = _find(rows, policy="window", n_ctx=main, evict_chunk=1, cache_type_k=base)
+    if sink and sink.get("ppl"):
+        text = f"quality at n_ctx {main} over {sink['stream_tokens']:,} tokens ({sink['tokens_scored']} shared positions): "
+        text += f"sink {sink['ppl']:.2f}"
+        if rec and rec.get("ppl"):
+            text += f", recompute {rec['ppl']:.2f} (sink {_vs(sink)})"
+        if halve and halve.get("ppl"):
+            text += f", halve {halve['ppl']:.2f}"
+        if window and window.get("ppl"):
+            text += f", window {window['ppl']:.2f} ({window['ppl'] / sink['ppl']:.1f}× sink)"
+        if window and window.get("ppl_all") and sink.get("ppl_all"):
+            text += f"; over all positions sink {sink['ppl_all']:.2f}, window {window['ppl_all']:.2f}"
+        lines.append(text)
+    if summary["speedup"]:
+        s = max(summary["speedup"], key=lambda s: s["n_ctx"])
+        lines.append(f"per generated token at n_ctx {s['n_ctx']}: sink {s['sink_ms']:.1f} ms, recompute "
+                     f"{s['recompute_ms']:.0f} ms: {s['speedup']:.0f}× faster")
+    for n_ctx in sorted({o["n_ctx"] for o in summary["overhead"]}):
+        by = {o["library"]: o for o in summary["overhead"] if o["n_ctx"] == n_ctx}
+        text = f"one-token eviction over a dense step at n_ctx {n_ctx}: " + ", ".join(
+            f"{lib} {100 * (o['ratio_median'] - 1):+.0f}% ({o['evict_ms_median']:.1f} vs {o['dense_ms_median']:.1f} ms)"
+            for lib, o in sorted(by.items()))
+        lines.append(text)
+    drift = {}
+    for c in summary["cache_types"]:
+        if c["vs_f32_pct"] is not None and c["cache_type_k"] != "f32":
+            key = f"{c['label']} K {c['cache_type_k']}"
+            drift[key] = max(drift.get(key, 0.0), abs(c["vs_f32_pct"]))
+    if drift:
+        lines.append("largest per-segment perplexity change against an f32 K cache: "
+                     + ", ".join(f"{k} {v:.2f}%" for k, v in drift.items()))
+    soak = summary["soak"]
+    if soak:
+        ppl = [s["ppl"] for s in soak["segments"] if s["ppl"]]
+        after = soak["rss_after_fill_mb"]
+        lines.append(f"soak of {soak['segments'][-1]['end']:,} tokens through sink: RSS {after:.1f} MiB after the cache "
+                     f"filled, {soak['rss_end_mb']:.1f} MiB at the end ({100 * (soak['rss_end_mb'] / after - 1):+.2f}%); "
+                     f"perplexity per segment {min(ppl):.2f}–{max(ppl):.2f}; {soak['tokens_per_s']:.0f} tokens/s")
+    return lines
+

@@ -114,8 +114,9 @@ def run_benchmark(config: BenchConfig, *, progress: bool = True) -> dict:
     summary = summarize(config, measured, sample)
     header = {
         "model": model_desc, "model_name": model_name, "machine": machine, "text": text_name,
-        "command": config.command, "stock_lib": stock_lib, "patch_level": _native.patch_level(),
-        "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("command", "out", "json_path")},
+        "command": config.command, "stock_lib": _shown(stock_lib), "patch_level": _native.patch_level(),
+        "config": {k: v for k, v in dataclasses.asdict(config).items()
+                   if k not in ("command", "out", "json_path", "stock_lib")},
         "sample_positions": sample.tolist(),
     }
     header["plots"] = _plots(out, summary, header) if config.plots else []
@@ -135,3 +136,12 @@ def _plots(out: Path, summary: dict, header: dict) -> list[str]:
     from .plots import plot_all
 
     return plot_all(out, summary, header)
+
+
+def _shown(path: str | None) -> str | None:
+    """A path as the results show it: relative to the working folder when inside it."""
+    if path is None:
+        return None
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+

@@ -62,6 +62,7 @@ def summarize(config: BenchConfig, measured: list[Measured], sample: np.ndarray)
         if q is not None:
             positions = shared_positions(sample, measured, v.n_ctx, q.job.n_tokens)
             row["ppl"], row["tokens_scored"] = perplexity(q.nll, positions)
+            row.update(_against_recompute(q, own, positions))
             row["ppl_all"], row["tokens_all"] = (perplexity(q.nll) if v.policy != "recompute" else (None, 0))
             row["stream_tokens"] = q.job.n_tokens
             row["feed_scored_tokens_per_s"] = q.result["tokens_fed"] / q.result["seconds"]
@@ -73,7 +74,7 @@ def summarize(config: BenchConfig, measured: list[Measured], sample: np.ndarray)
         row["peak_rss_mb"] = max(peaks) if peaks else None
         row["kv_cache_mb"] = (q or lat).result["kv_cache_bytes"] / 2**20
         rows.append(row)
-    _add_relative_to_recompute(rows)
+    rows.sort(key=lambda r: _row_order(r, config))
     return {
         "rows": rows,
         "speedup": _speedups(rows),
@@ -88,6 +89,16 @@ def summarize(config: BenchConfig, measured: list[Measured], sample: np.ndarray)
     }
 
 
+def _row_order(row: dict, config: BenchConfig) -> tuple:
+    """Per K type, the policy rows per n_ctx first, then the sinks sweep."""
+    swept = row["policy"] == "sink" and row["sinks"] != DEFAULT_SINKS
+    return (config.cache_types.index(row["cache_type_k"]), swept, row["n_ctx"],
+            POLICY_ORDER.index(row["policy"]), row["sinks"], row["evict_chunk"] or 0)
+
+
+POLICY_ORDER = ("dense", "window", "sink", "halve", "recompute")
+
+
 def json_row(row: dict) -> dict:
     """A row with exactly the keys of the JSON results format (None where not measured)."""
     found = {}
@@ -99,12 +110,24 @@ def json_row(row: dict) -> dict:
     return found
 
 
-def _add_relative_to_recompute(rows: list[dict]) -> None:
-    for row in rows:
-        ref = next((r for r in rows if r["policy"] == "recompute" and r["n_ctx"] == row["n_ctx"]
-                    and r.get("ppl") and r.get("stream_tokens") == row.get("stream_tokens")), None)
-        if ref and row.get("ppl"):
-            row["vs_recompute_pct"] = 100 * (row["ppl"] / ref["ppl"] - 1)
+def _against_recompute(q: Measured, quality: dict, positions: np.ndarray) -> dict:
+    """Perplexity change against recompute on the shared positions, with its standard error.
+
+    Paired per position: the error is std(NLL - NLL_recompute) / sqrt(n), as a percentage.
+    """
+    v = q.job.variant
+    # recompute never shifts, so the K type of its reference matters little: prefer the same one
+    refs = [m for w, m in quality.items()
+            if w.policy == "recompute" and w.n_ctx == v.n_ctx and m.job.n_tokens >= q.job.n_tokens]
+    ref = min(refs, key=lambda m: m.job.variant.cache_type_k != v.cache_type_k) if refs else None
+    if ref is None or v.policy == "recompute":
+        return {}
+    d = q.nll[positions] - ref.nll[positions]
+    d = d[np.isfinite(d)]
+    if len(d) < 2:
+        return {}
+    return {"vs_recompute_pct": 100 * float(np.expm1(d.mean())),
+            "vs_recompute_se_pct": 100 * float(d.std(ddof=1) / np.sqrt(len(d)))}
 
 
 def _speedups(rows: list[dict]) -> list[dict]:

@@ -33,7 +33,7 @@ def run_job(job: dict, progress: Callable[[int], None] = lambda n: None) -> dict
     variant = Variant(**job["variant"])
     tokens = np.load(job["tokens_file"])[: job.get("n_tokens") or None]
     threads = job.get("threads")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     with load(job["model"]) as model:
         kind = job["kind"]
         if kind == "quality":
@@ -49,10 +49,14 @@ def run_job(job: dict, progress: Callable[[int], None] = lambda n: None) -> dict
         else:
             raise ValueError(f"unknown job kind {kind!r}")
         result["kv_cache_bytes"] = kv_cache_bytes(model, variant.n_ctx, variant.cache_type_k)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
     result.update(peak_rss_mb=peak_rss_mb(), wall_seconds=time.perf_counter() - start,
-                  cpu_seconds=usage.ru_utime + usage.ru_stime)
+                  cpu_seconds=_cpu_seconds() - cpu_start)
     return result
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _progress_writer(channel) -> Callable[[int], None]:

@@ -1,0 +1,93 @@
+"""The headline figures of issues 2 and 3, in one short run (the full sweep is context_shift.py).
+
+1. quality: perplexity of sink, halve, window and recompute at one n_ctx on the same long text,
+   all scored on the same uniform sample of positions after the cache first filled;
+2. per-token cost at a full cache: a dense step, one-token eviction moving the 4 sink cells
+   forward, and one-token eviction moving the whole window back, interleaved, with this process's
+   libllama (run it again with EDGESINK_LIB_PATH=build/stock/lib for the stock library).
+
+    .venv/bin/python benchmarks/headline.py quality --n-ctx 512 --tokens 20000 --sample 128
+    .venv/bin/python benchmarks/headline.py latency --n-ctx 2048,8192 --steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+import edgesink
+from edgesink import _native
+from edgesink.corpus import austen_text
+
+
+THREADS = None  # set by --threads; a busy machine wants 1 (llama.cpp's threads wait for each other)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "cpu")
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def quality(model, n_ctx, n_tokens, n_sample):
+    tokens = model.tokenize(austen_text()[: n_tokens * 6])[:n_tokens]
+    positions = np.linspace(2 * n_ctx, n_tokens - 1, n_sample).astype(int)
+    results = {}
+    for name in ("sink", "halve", "window", "recompute"):
+        start = time.perf_counter()
+        with model.session(n_ctx=n_ctx, policy=name, n_threads=THREADS) as s:
+            nll = s.score_tokens(tokens, positions=positions)
+        results[name] = {"ppl": float(np.exp(np.nanmean(nll[positions]))), "seconds": time.perf_counter() - start}
+        print(name, results[name], flush=True)
+    ref = results["recompute"]["ppl"]
+    return {"n_ctx": n_ctx, "tokens": len(tokens), "scored_positions": len(positions), "results": results,
+            "sink_vs_recompute": results["sink"]["ppl"] / ref - 1, "sink_vs_halve": results["sink"]["ppl"] / results["halve"]["ppl"] - 1}
+
+
+def latency(model, n_ctx, steps):
+    tokens = model.tokenize(austen_text()[: n_ctx * 6])[: n_ctx + 2 * steps + 8]
+    out = {}
+    for mode in ("kept-forward", "window-back"):
+        with model.session(n_ctx=n_ctx, shift_mode=mode, batch_size=64, refresh_every=10**9, rebase_every=10**9,
+                           n_threads=THREADS) as s:
+            s.feed_tokens(tokens[:n_ctx])
+            cache, dense, evict = s._cache, [], []
+            for i in range(steps):
+                # dense step at the same fill: drop the newest cell, decode a token in its place
+                newest = cache.window.pop()
+                edgesink._native.C.llama_memory_seq_rm(cache.mem, 0, cache.next_pos, -1)
+                t = time.perf_counter(); cache.append([newest], np.ones(1, np.int8), 4); dense.append(time.perf_counter() - t)
+                t = time.perf_counter(); s.feed_tokens([tokens[n_ctx + i]]); evict.append(time.perf_counter() - t)
+            out[mode] = {"evict_ms": statistics.median(evict) * 1e3, "dense_ms": statistics.median(dense) * 1e3}
+    return {"n_ctx": n_ctx, "patch_level": _native.patch_level(), **out}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["quality", "latency"])
+    parser.add_argument("--n-ctx", default="512")
+    parser.add_argument("--tokens", type=int, default=20000)
+    parser.add_argument("--sample", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    global THREADS
+    THREADS = args.threads
+    model = edgesink.load(None)
+    runs = [quality(model, int(n), args.tokens, args.sample) if args.what == "quality" else latency(model, int(n), args.steps)
+            for n in args.n_ctx.split(",")]
+    report = {"machine": machine(), "threads": args.threads or os.cpu_count(), "library": str(_native.LIBRARY_FOLDER), "runs": runs}
+    print(json.dumps(report, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
