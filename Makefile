@@ -73,8 +73,8 @@ $(STOCK_LIB): $(NATIVE_INPUTS) | $(VENV)/.bindings-installed
 	cmake --install build/stock --prefix build/stock --component edgesink
 
 # The patched library with AddressSanitizer and UBSan (libllama and the ggml libraries), and the
-# shift tests run against it, with the crafted model and session files. Not for CI: the build
-# takes about 16 minutes on 2 busy cores (RelWithDebInfo), the tests about 6 more.
+# shift tests run against it, with the crafted model and session files. Not for CI: measured on
+# 2 cores shared with benchmarks, the build took 32 min and the tests 62 min (91 passed, no report).
 ASAN_TESTS ?= tests/test_patch.py tests/test_sink_equivalence.py tests/test_model_files.py tests/test_persistence.py
 asan: setup $(VENV)/.test-deps
 	cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \

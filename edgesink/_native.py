@@ -103,7 +103,7 @@ def _silent_log(level, text, user_data):  # pragma: no cover - called from C
 
 def set_verbose(verbose: bool) -> None:
     """Route llama.cpp's log to stderr (verbose) or drop it (the default)."""
-    C.llama_log_set(None if verbose else _silent_log, ctypes.c_void_p(0))
+    C.llama_log_set(C.llama_log_callback() if verbose else _silent_log, ctypes.c_void_p(0))  # NULL: stderr
 
 
 set_verbose(os.environ.get("EDGESINK_VERBOSE") == "1")
