@@ -458,13 +458,9 @@ def _remember_probe(path: Path) -> None:
         known = []
     known = [k for k in known if not k.startswith(f"{_PROBE_CACHE_VERSION}|{path.resolve()}|")][-200:]
     known.append(_probe_key(path))
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, cache)
-    except OSError:
-        pass  # an unwritable cache only costs another probe next time
+    from .registry import write_json_cache
+
+    write_json_cache(cache, known)
 
 
 def _probe_child(path: str) -> int:

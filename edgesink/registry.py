@@ -88,14 +88,19 @@ def cached_sha256(path: Path) -> str:
         known = {}
     if key not in known:
         known[key] = sha256_file(path)
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known))
-            os.replace(tmp, cache_file)
-        except OSError:
-            pass  # an unwritable cache only costs a re-hash next time
+        write_json_cache(cache_file, known)
     return known[key]
+
+
+def write_json_cache(cache_file: Path, data) -> None:
+    """Replace a small JSON cache file atomically; an unwritable cache only costs recomputing later."""
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass
 
 
 def default_model_path() -> Path:
