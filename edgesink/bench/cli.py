@@ -55,7 +55,8 @@ def _csv(values) -> str:
 @click.option("--cache-type-k", "cache_types", default=_csv(DEFAULTS.cache_types), show_default=True,
               callback=_names(("f16", "q8_0", "f32", "bf16", "q5_1", "q5_0", "q4_1", "q4_0")),
               help="K-cache types; the first is used everywhere, the others for the shifting policies.")
-@click.option("--policies", default=_csv(DEFAULTS.policies), show_default=True, callback=_names(POLICY_NAMES))
+@click.option("--policies", default=_csv(DEFAULTS.policies), show_default=True, callback=_names(POLICY_NAMES),
+              help="Policies to run, comma-separated.")
 @click.option("--evict-chunk", "evict_chunks", default=_csv(DEFAULTS.evict_chunks), show_default=True,
               callback=_ints, help="Eviction chunks of sink.")
 @click.option("--main-n-ctx", default=DEFAULTS.main_n_ctx, show_default=True,
