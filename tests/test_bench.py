@@ -81,6 +81,8 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     assert [s["end"] for s in soak["segments"]] == [256, 384] and all(s["ppl"] for s in soak["segments"])
     assert soak["evictions"] == 384 - 64 and soak["tokens_in_cache"] == 64
     assert abs(soak["rss_end_mb"] / soak["rss_after_fill_mb"] - 1) < 0.05
+    assert 0 < soak["anon_swap_after_fill_mb"] < soak["rss_after_fill_mb"]
+    assert len(soak["ms_per_token_chunks"]) == len(soak["series"]) and min(soak["ms_per_token_chunks"]) > 0
     report = (tmp_path / "results.md").read_text()
     for heading in ("Quality per policy", "Speed and memory", "Eviction overhead", "number of sinks", "K-cache type",
                     "Soak"):

@@ -26,6 +26,16 @@ def rss_mb() -> float:
     return kb / 1024 if kb is not None else peak_rss_mb()
 
 
+def anon_swap_mb() -> float | None:
+    """Anonymous resident memory plus swap of this process, in MiB (Linux only, else None).
+
+    Unlike RSS it leaves out the file-backed pages of the mapped model, which the kernel may
+    drop and reload at will: growth here is memory the process itself holds on to.
+    """
+    anon, swap = _status_kb("RssAnon"), _status_kb("VmSwap")
+    return None if anon is None else (anon + (swap or 0)) / 1024
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
     kb = _status_kb("VmHWM")

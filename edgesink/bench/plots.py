@@ -168,23 +168,28 @@ def _soak(path: Path, summary: dict, header: dict) -> bool:
     if not soak:
         return False
     plt = _plt()
-    fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    fig, (a, b, c) = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
     segs = [s for s in soak["segments"] if s["ppl"]]
     a.step([s["start"] for s in segs] + [segs[-1]["end"]], [s["ppl"] for s in segs] + [segs[-1]["ppl"]],
            where="post", color="tab:blue")
     a.set_ylabel("perplexity per segment")
     a.set_ylim(0, max(s["ppl"] for s in segs) * 1.2)
     a.set_title(f"{header['model_name']}: soak through sink — {soak['segments'][-1]['end']:,} tokens")
-    a.grid(alpha=0.3)
     series = soak["series"]
-    b.plot([s[0] for s in series], [s[2] for s in series], color="tab:red")
-    b.axhline(soak["rss_after_fill_mb"], color="gray", ls=":", lw=1, label="just after the cache filled")
-    lo, hi = min(s[2] for s in series), max(s[2] for s in series)
-    b.set_ylim(min(lo, soak["rss_after_fill_mb"]) * 0.9, hi * 1.1)
-    b.set_ylabel("process RSS (MiB)")
-    b.set_xlabel("tokens streamed")
-    b.legend(fontsize=8)
-    b.grid(alpha=0.3)
+    done = [s[0] for s in series]
+    for column, kind, color in ((2, "rss", "tab:red"), (3, "anon_swap", "tab:purple")):
+        if f"{kind}_after_fill_mb" in soak:
+            b.plot(done, [s[column] for s in series], color=color, label=kind.replace("_", "+").upper())
+            b.axhline(soak[f"{kind}_after_fill_mb"], color=color, ls=":", lw=1)
+    b.set_ylim(0, max(s[2] for s in series) * 1.2)
+    b.set_ylabel("memory (MiB)")
+    b.legend(fontsize=8, title="dotted: just after the cache filled", title_fontsize=7)
+    c.plot(done, soak["ms_per_token_chunks"], color="tab:green", lw=1)
+    c.set_ylim(0, max(soak["ms_per_token_chunks"]) * 1.2)
+    c.set_ylabel("ms per streamed token")
+    c.set_xlabel("tokens streamed")
+    for ax in (a, b, c):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

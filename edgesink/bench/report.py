@@ -135,12 +135,10 @@ def markdown(header: dict, summary: dict) -> str:
         parts.append(_table(["policy", "K type"] + [f"tokens {ct[i]['start']:,}–" for i in segments], lines))
     soak = summary["soak"]
     if soak:
-        after = soak["rss_after_fill_mb"]
-        drift = 100 * (soak["rss_max_mb"] - soak["rss_min_after_fill_mb"]) / after
         parts.append(f"\n## Soak: {soak['segments'][-1]['end']:,} tokens through sink\n\n"
-                     f"{soak['tokens_per_s']:.0f} tokens/s; RSS just after the cache filled {after:.1f} MiB, at the end "
-                     f"{soak['rss_end_mb']:.1f} MiB (change {100 * (soak['rss_end_mb'] / after - 1):+.2f}%), "
-                     f"range after filling {drift:.2f}% of it.\n\n")
+                     f"{soak['tokens_per_s']:.0f} tokens/s; {_soak_speed(soak)}.\n\n"
+                     + "".join(f"- {_soak_memory(soak, kind)}\n" for kind in ("rss", "anon_swap")
+                               if f"{kind}_after_fill_mb" in soak) + "\n")
         parts.append(_table(["segment", "tokens", "scored", "ppl"],
                             [[i, f"{s['start']:,}–{s['end']:,}", s["scored"], _fmt(s["ppl"])]
                              for i, s in enumerate(soak["segments"])]))
@@ -195,9 +193,25 @@ def headlines(header: dict, summary: dict) -> list[str]:
     soak = summary["soak"]
     if soak:
         ppl = [s["ppl"] for s in soak["segments"] if s["ppl"]]
-        after = soak["rss_after_fill_mb"]
-        lines.append(f"soak of {soak['segments'][-1]['end']:,} tokens through sink: RSS {after:.1f} MiB after the cache "
-                     f"filled, {soak['rss_end_mb']:.1f} MiB at the end ({100 * (soak['rss_end_mb'] / after - 1):+.2f}%); "
-                     f"perplexity per segment {min(ppl):.2f}–{max(ppl):.2f}; {soak['tokens_per_s']:.0f} tokens/s")
+        lines.append(f"soak of {soak['segments'][-1]['end']:,} tokens through sink: {_soak_memory(soak, 'rss')}; "
+                     f"perplexity per segment {min(ppl):.2f}–{max(ppl):.2f}; {soak['tokens_per_s']:.0f} tokens/s, "
+                     f"{_soak_speed(soak)}")
     return lines
+
+
+_MEMORY_NAMES = {"rss": "RSS", "anon_swap": "anonymous memory + swap"}
+
+
+def _soak_memory(soak: dict, kind: str) -> str:
+    """One memory figure of a soak: after the first fill, at the end, and the range after filling."""
+    after, end = soak[f"{kind}_after_fill_mb"], soak[f"{kind}_end_mb"]
+    spread = 100 * (soak[f"{kind}_max_mb"] - soak[f"{kind}_min_after_fill_mb"]) / after
+    return (f"{_MEMORY_NAMES[kind]} {after:.1f} MiB just after the cache filled, {end:.1f} MiB at the end "
+            f"({100 * (end / after - 1):+.2f}%), range after filling {spread:.2f}% of it")
+
+
+def _soak_speed(soak: dict) -> str:
+    first, last = soak["ms_per_token_first_tenth"], soak["ms_per_token_last_tenth"]
+    return (f"streaming cost {first:.3f} ms/token over the first tenth, {last:.3f} over the last "
+            f"({100 * (last / first - 1):+.1f}%)")
 

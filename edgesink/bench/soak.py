@@ -13,7 +13,7 @@ import numpy as np
 
 from ..session import Session
 from .config import Variant
-from .memory import rss_mb
+from .memory import anon_swap_mb, rss_mb
 
 CHUNK_BATCHES = 64  # feed batches per call; RSS is sampled after each call
 
@@ -25,10 +25,9 @@ def run_soak(model, variant: Variant, tokens: np.ndarray, *, segment: int, sampl
     rng = np.random.default_rng(seed)
     n_segments = -(-len(tokens) // segment)
     nll_sum, scored = np.zeros(n_segments), np.zeros(n_segments, dtype=np.int64)
-    series: list[tuple[int, float, float]] = []  # (tokens streamed, seconds, RSS MiB)
+    series: list[tuple[int, float, float, float | None]] = []  # (tokens streamed, seconds, RSS, anon+swap MiB)
     with Session(model, **variant.session_options(), n_threads=threads) as session:
         chunk = session.batch_size * CHUNK_BATCHES
-        rss_after_fill = None
         start_time = time.perf_counter()
         for start in range(0, len(tokens), chunk):
             part = tokens[start:start + chunk]
@@ -40,19 +39,37 @@ def run_soak(model, variant: Variant, tokens: np.ndarray, *, segment: int, sampl
             np.add.at(nll_sum, seg, nll[ok])
             np.add.at(scored, seg, 1)
             done = start + len(part)
-            series.append((done, time.perf_counter() - start_time, rss_mb()))
-            if rss_after_fill is None and done >= variant.n_ctx:
-                rss_after_fill = series[-1][2]
+            series.append((done, time.perf_counter() - start_time, rss_mb(), anon_swap_mb()))
             progress(len(part))
         stats = session.stats
         seconds = time.perf_counter() - start_time
     segments = [{"start": i * segment, "end": min(len(tokens), (i + 1) * segment),
                  "ppl": float(np.exp(nll_sum[i] / scored[i])) if scored[i] else None, "scored": int(scored[i])}
                 for i in range(n_segments)]
-    rss = np.array([s[2] for s in series])
-    return {"segments": segments, "series": series, "rss_after_fill_mb": rss_after_fill,
-            "rss_end_mb": float(rss[-1]), "rss_max_mb": float(rss.max()),
-            "rss_min_after_fill_mb": float(rss[[s[0] >= variant.n_ctx for s in series]].min()),
-            "seconds": seconds, "tokens_per_s": len(tokens) / seconds,
+    return {"segments": segments, "series": series, **_memory_figures(series, variant.n_ctx),
+            **_speed_figures(series), "seconds": seconds, "tokens_per_s": len(tokens) / seconds,
             "evictions": stats.evictions, "rebases": stats.rebases, "refreshes": stats.refreshes,
             "tokens_in_cache": stats.tokens_in_cache}
+
+
+def _memory_figures(series, n_ctx: int) -> dict:
+    """RSS and anonymous+swap memory: just after the cache filled, at the end, range after filling."""
+    after_fill = [s for s in series if s[0] >= n_ctx]
+    figures = {}
+    for name, column in (("rss", 2), ("anon_swap", 3)):
+        values = np.array([s[column] for s in after_fill], dtype=float)
+        if np.isnan(values).any():
+            continue
+        figures.update({f"{name}_after_fill_mb": float(values[0]), f"{name}_end_mb": float(values[-1]),
+                        f"{name}_max_mb": float(values.max()), f"{name}_min_after_fill_mb": float(values.min())})
+    return figures
+
+
+def _speed_figures(series) -> dict:
+    """Milliseconds per streamed token in each chunk, and its median over the first and last tenth."""
+    done = np.array([0] + [s[0] for s in series], dtype=float)
+    seconds = np.array([0.0] + [s[1] for s in series])
+    ms = 1e3 * np.diff(seconds) / np.diff(done)
+    tenth = max(1, len(ms) // 10)
+    return {"ms_per_token_chunks": ms.tolist(), "ms_per_token_first_tenth": float(np.median(ms[:tenth])),
+            "ms_per_token_last_tenth": float(np.median(ms[-tenth:]))}
