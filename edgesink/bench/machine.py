@@ -50,3 +50,15 @@ def describe_machine(threads: int | None = None) -> dict:
 def summary_line(machine: dict) -> str:
     return (f"{machine['cpu']}, {machine['cores']} cores ({machine['threads']} threads used), "
             f"{machine['memory_gib']} GiB, {machine['os']}, Python {machine['python']}")
+
+
+def publish(report: dict, json_path: str | None = None) -> None:
+    """Print a script's result as JSON, with the machine it ran on, and save it if asked."""
+    import json
+
+    report = {"machine": describe_machine(report.get("threads")), **report}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(text + "\n")

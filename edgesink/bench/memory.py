@@ -49,9 +49,6 @@ def peak_rss_mb() -> float:
 
 def kv_cache_bytes(model, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
     """Bytes of the K and V caches of ``n_ctx`` cells over all layers."""
-    from .._native import C
+    from ..session import estimate_kv_bytes
 
-    n_head = max(1, C.llama_model_n_head(model.handle))
-    n_head_kv = C.llama_model_n_head_kv(model.handle) or n_head
-    values = n_ctx * model.n_layer * (C.llama_model_n_embd(model.handle) // n_head) * n_head_kv
-    return int(values * (TYPE_BYTES[type_k] + TYPE_BYTES[type_v]))
+    return estimate_kv_bytes(model, n_ctx, bytes_per_value=(TYPE_BYTES[type_k] + TYPE_BYTES[type_v]) / 2)

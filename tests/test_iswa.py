@@ -1,0 +1,65 @@
+"""A real sliding-window (iSWA) model: Gemma 3 270M, whose local layers see only the last 512 tokens.
+
+Its local layers' cache must be full size for the cache to shift (the session asks for it), and
+both shift paths must act on both caches: streams far past the sliding window and past n_ctx.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgesink
+from edgesink._native import C
+
+N_CTX = 768  # larger than the 512-token sliding window, so both kinds of layers matter
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from edgesink.registry import load_registry
+
+    path = load_registry()["gemma3-270m"].local_path
+    assert path.exists(), "set-up fetches it: edgesink pull gemma3-270m"
+    with edgesink.load(path) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def gemma_tokens(gemma, prose):
+    return gemma.tokenize(prose[:40_000])[:2500]
+
+
+def test_it_is_a_sliding_window_model(gemma):
+    assert gemma.architecture == "gemma3" and gemma.n_swa == 512
+
+
+def test_sink_streams_past_the_window_and_the_cache(gemma, gemma_tokens):
+    with gemma.session(n_ctx=N_CTX, policy="sink") as s:
+        s.feed_tokens(gemma_tokens)
+        generated = [c.token for c in s.stream_generate(N_CTX + 50, top_k=1) if c.token is not None]
+        stream = gemma_tokens + generated
+        assert len(generated) > N_CTX  # generation alone passed n_ctx (no end token in greedy prose)
+        assert s.cached_tokens() == stream[:4] + stream[-(N_CTX - 4):]
+        assert s.stats.tokens_in_cache == N_CTX and s.stats.evictions == len(stream) - N_CTX
+        # llama.cpp's newest cell is the session's newest token, n_ctx - 1 positions after the sinks
+        assert C.llama_memory_seq_pos_max(s._cache.mem, 0) == s.stats.last_position
+        assert s.stats.last_position - (s._cache.w0 - 4) == N_CTX - 1
+        assert np.isfinite(s.next_logits()).all()
+
+
+def test_both_shift_paths_agree_on_both_caches(gemma, gemma_tokens):
+    """Sinks moved forward and window moved back give the same scores, past the sliding window.
+
+    Had either path shifted one kind of layer wrongly (the local layers rotate with another RoPE
+    base), its perplexity would part from the other's by far more than rounding.
+    """
+    ppl, last = {}, {}
+    for mode in ("kept-forward", "window-back"):
+        with gemma.session(n_ctx=N_CTX, policy="sink", shift_mode=mode) as s:
+            nll = s.score_tokens(gemma_tokens)
+            last[mode] = s.next_logits()
+            assert s.stats.evictions == len(gemma_tokens) - N_CTX
+        ppl[mode] = float(np.exp(nll[N_CTX:].mean()))  # only tokens scored after evictions began
+    assert abs(ppl["kept-forward"] / ppl["window-back"] - 1) < 0.01, ppl
+    assert last["kept-forward"].argmax() == last["window-back"].argmax()
