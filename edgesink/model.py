@@ -5,10 +5,14 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import _native
 from ._native import C
 from .errors import ModelLoadError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from .session import Session
 
 LOAD_MODE_NONE, LOAD_MODE_MMAP = 0, 1  # enum llama_load_mode
 

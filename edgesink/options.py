@@ -7,12 +7,20 @@ policies); these are the ones that can be judged from the values alone, before a
 from __future__ import annotations
 
 import math
+import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import _native
+from ._native import C
 from .policies import ContextPolicy
 from .sampling import SamplingParams
 
+if TYPE_CHECKING:
+    from .model import Model
+
+CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
 MAX_THREADS = 512  # GGML_MAX_N_THREADS: more makes llama.cpp crash (measured: SIGSEGV at 100000)
 
 
@@ -79,3 +87,41 @@ def stop_strings(stop) -> list[str]:
     if not all(isinstance(x, str) for x in stops):
         raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
     return stops
+
+
+def cache_type(name: str) -> int:
+    if name not in CACHE_TYPES:
+        raise ValueError(f"unknown cache type {name!r}; choose one of {', '.join(CACHE_TYPES)}")
+    return CACHE_TYPES[name]
+
+
+def kept_forward_mode(shift_mode: str) -> bool:
+    if shift_mode == "auto":
+        return _native.patch_level() > 0
+    if shift_mode in ("kept-forward", "window-back"):
+        return shift_mode == "kept-forward"
+    raise ValueError(f"shift_mode must be 'auto', 'kept-forward' or 'window-back', got {shift_mode!r}")
+
+
+def check_n_ctx(model: "Model", n_ctx: int, type_k: str, type_v: str) -> int:
+    if not isinstance(n_ctx, int) or n_ctx < 2:
+        raise ValueError(f"n_ctx must be an integer >= 2, got {n_ctx!r}")
+    if model.n_ctx_train and n_ctx > model.n_ctx_train:
+        raise ValueError(
+            f"n_ctx {n_ctx} is larger than the {model.n_ctx_train} tokens {model.path.name} was trained on; "
+            "a longer stream needs no larger n_ctx: the cache evicts"
+        )
+    cache_type(type_k), cache_type(type_v)
+    kv_bytes = estimate_kv_bytes(model, n_ctx)
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if kv_bytes > physical:
+        raise ValueError(f"n_ctx {n_ctx} needs about {kv_bytes / 2**30:.1f} GiB of KV cache, more than this machine's memory")
+    return n_ctx
+
+
+def estimate_kv_bytes(model: "Model", n_ctx: int, bytes_per_value: float = 2.0) -> int:
+    """Bytes of a KV cache of n_ctx tokens (K and V, all layers); F16 unless told the bytes per value."""
+    n_embd = C.llama_model_n_embd(model.handle)
+    n_head = max(1, C.llama_model_n_head(model.handle))
+    n_head_kv = C.llama_model_n_head_kv(model.handle) or n_head
+    return int(2 * n_ctx * model.n_layer * (n_embd // n_head) * n_head_kv * bytes_per_value)

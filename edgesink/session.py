@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import operator
 import os
-import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -17,18 +16,16 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import _native
 from ._native import C
 from .errors import UnsupportedModelError
 from .kvcache import StreamCache, deferred_interrupt
 from .model import Model, load
-from .options import check_session_options, not_int, sampling_params, stop_strings
+from .options import (cache_type, check_n_ctx, check_session_options, kept_forward_mode, not_int, sampling_params,
+                      stop_strings)
 from .policies import ContextPolicy, make_policy
 from .sampling import Sampler
-from .textstream import StopMatcher, Utf8Stream
+from .textstream import StopMatcher, Utf8Stream, text_pieces
 
-CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
-TEXT_CHUNK_CHARS = 16_384  # long text is tokenized in pieces of about this size (bounded memory)
 
 
 @dataclass(frozen=True)
@@ -95,13 +92,11 @@ class Session:
         self.model = load(model)
         try:
             self.policy = make_policy(policy, sinks=sinks, evict_chunk=evict_chunk) if isinstance(policy, str) else policy
-            self.n_ctx = _check_n_ctx(self.model, n_ctx, type_k, type_v)
+            self.n_ctx = check_n_ctx(self.model, n_ctx, type_k, type_v)
             self.batch_size = batch_size if batch_size is not None else max(1, min(64, n_ctx // 16))
             self.policy.validate(self.n_ctx, self.batch_size)
-            _check_positive("refresh_every", refresh_every)
             rebase_every = n_ctx if rebase_every is None else rebase_every
-            _check_positive("rebase_every", rebase_every)
-            self.kept_forward = _kept_forward(shift_mode)
+            self.kept_forward = kept_forward_mode(shift_mode)
             params = self._context_params(type_k, type_v, flash_attn, n_threads)
             self._cache = StreamCache(self.model, params, capacity=self.n_ctx, kept_forward=self.kept_forward,
                                       rebase_every=rebase_every, refresh_every=refresh_every)
@@ -130,7 +125,7 @@ class Session:
         p.n_seq_max = 2  # the stream, and a scratch sequence to re-encode the kept tokens
         p.kv_unified = True  # one cache of n_ctx cells shared by both sequences
         p.n_threads = p.n_threads_batch = n_threads or os.cpu_count() or 1
-        p.type_k, p.type_v = _cache_type(type_k), _cache_type(type_v)
+        p.type_k, p.type_v = cache_type(type_k), cache_type(type_v)
         p.flash_attn_type = {None: -1, True: 1, False: 0}[flash_attn]
         # Sliding-window (iSWA) models keep only the last n_swa tokens by default, which cannot shift.
         p.swa_full = self.model.n_swa > 0 and self.policy.shifts
@@ -281,21 +276,7 @@ class Session:
         return nll
 
     def _text_pieces(self, text: "str | bytes") -> Iterator[str]:
-        if isinstance(text, str):
-            if self._utf8_in.pending:  # a str cannot finish a character begun in bytes: U+FFFD for it
-                yield self._utf8_in.flush()
-            # Lone surrogates cannot be encoded; they become U+FFFD like invalid UTF-8 bytes.
-            yield from _split_at_spaces(_SURROGATES.sub("\ufffd", text) if _SURROGATES.search(text) else text)
-        elif isinstance(text, (bytes, bytearray, memoryview)):
-            data = memoryview(text).cast("B")
-            carry = ""
-            for i in range(0, len(data), TEXT_CHUNK_CHARS):  # decoded in pieces too: memory stays bounded
-                carry = yield from _split_at_spaces(carry + self._utf8_in.push(data[i:i + TEXT_CHUNK_CHARS]),
-                                                    keep_tail=True)
-            if carry:
-                yield carry
-        else:
-            raise ValueError(f"feed takes str or bytes, got {type(text).__name__}")
+        return text_pieces(text, self._utf8_in)
 
     def _checked_tokens(self, tokens: Iterable[int]) -> list[int]:
         try:
@@ -574,64 +555,3 @@ def _mask(positions: Iterable[int], n: int) -> np.ndarray:
 
 def _rate(counter: list) -> float:
     return counter[0] / counter[1] if counter[1] > 0 else 0.0
-
-
-_SURROGATES = re.compile("[\ud800-\udfff]")
-
-
-def _split_at_spaces(text: str, keep_tail: bool = False):
-    """Pieces of about TEXT_CHUNK_CHARS, cut before a space; returns the unfinished tail if ``keep_tail``."""
-    start = 0
-    while len(text) - start > (TEXT_CHUNK_CHARS if keep_tail else 0):
-        end = min(len(text), start + TEXT_CHUNK_CHARS)
-        if end < len(text):
-            split = text.rfind(" ", start + 1, end)
-            end = split if split > start else end
-        yield text[start:end]
-        start = end
-    if not keep_tail:
-        return ""
-    return text[start:]
-
-
-def _check_positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-def _cache_type(name: str) -> int:
-    if name not in CACHE_TYPES:
-        raise ValueError(f"unknown cache type {name!r}; choose one of {', '.join(CACHE_TYPES)}")
-    return CACHE_TYPES[name]
-
-
-def _kept_forward(shift_mode: str) -> bool:
-    if shift_mode == "auto":
-        return _native.patch_level() > 0
-    if shift_mode in ("kept-forward", "window-back"):
-        return shift_mode == "kept-forward"
-    raise ValueError(f"shift_mode must be 'auto', 'kept-forward' or 'window-back', got {shift_mode!r}")
-
-
-def _check_n_ctx(model: Model, n_ctx: int, type_k: str, type_v: str) -> int:
-    if not isinstance(n_ctx, int) or n_ctx < 2:
-        raise ValueError(f"n_ctx must be an integer >= 2, got {n_ctx!r}")
-    if model.n_ctx_train and n_ctx > model.n_ctx_train:
-        raise ValueError(
-            f"n_ctx {n_ctx} is larger than the {model.n_ctx_train} tokens {model.path.name} was trained on; "
-            "a longer stream needs no larger n_ctx: the cache evicts"
-        )
-    _cache_type(type_k), _cache_type(type_v)
-    kv_bytes = estimate_kv_bytes(model, n_ctx)
-    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if kv_bytes > physical:
-        raise ValueError(f"n_ctx {n_ctx} needs about {kv_bytes / 2**30:.1f} GiB of KV cache, more than this machine's memory")
-    return n_ctx
-
-
-def estimate_kv_bytes(model: Model, n_ctx: int, bytes_per_value: float = 2.0) -> int:
-    """Bytes of a KV cache of n_ctx tokens (K and V, all layers); F16 unless told the bytes per value."""
-    n_embd = C.llama_model_n_embd(model.handle)
-    n_head = max(1, C.llama_model_n_head(model.handle))
-    n_head_kv = C.llama_model_n_head_kv(model.handle) or n_head
-    return int(2 * n_ctx * model.n_layer * (n_embd // n_head) * n_head_kv * bytes_per_value)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import codecs
+import re
+from typing import Iterator
+
+TEXT_CHUNK_CHARS = 16_384  # long text is tokenized in pieces of about this size (bounded memory)
+SURROGATES = re.compile("[\ud800-\udfff]")  # lone surrogates cannot be encoded
 
 
 class Utf8Stream:
@@ -58,3 +63,36 @@ class StopMatcher:
                     best = n
                     break
         return best
+
+
+def text_pieces(text: "str | bytes", utf8: Utf8Stream) -> Iterator[str]:
+    """Text to tokenize, in pieces of bounded size; bytes go through ``utf8`` (a split character waits)."""
+    if isinstance(text, str):
+        if utf8.pending:  # a str cannot finish a character begun in bytes: U+FFFD for it
+            yield utf8.flush()
+        # Lone surrogates cannot be encoded; they become U+FFFD like invalid UTF-8 bytes.
+        yield from split_at_spaces(SURROGATES.sub("\ufffd", text) if SURROGATES.search(text) else text)
+    elif isinstance(text, (bytes, bytearray, memoryview)):
+        data = memoryview(text).cast("B")
+        carry = ""
+        for i in range(0, len(data), TEXT_CHUNK_CHARS):  # decoded in pieces too: memory stays bounded
+            carry = yield from split_at_spaces(carry + utf8.push(data[i:i + TEXT_CHUNK_CHARS]), keep_tail=True)
+        if carry:
+            yield carry
+    else:
+        raise ValueError(f"feed takes str or bytes, got {type(text).__name__}")
+
+
+def split_at_spaces(text: str, keep_tail: bool = False):
+    """Pieces of about TEXT_CHUNK_CHARS, cut before a space; returns the unfinished tail if ``keep_tail``."""
+    start = 0
+    while len(text) - start > (TEXT_CHUNK_CHARS if keep_tail else 0):
+        end = min(len(text), start + TEXT_CHUNK_CHARS)
+        if end < len(text):
+            split = text.rfind(" ", start + 1, end)
+            end = split if split > start else end
+        yield text[start:end]
+        start = end
+    if not keep_tail:
+        return ""
+    return text[start:]

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, GGUFWriter, GGMLQuantizationType
+from gguf import GGUFReader, GGUFWriter
 
 TOKENIZER_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
 

@@ -10,7 +10,7 @@ import pytest
 
 import edgesink
 from edgesink.chat import MAX_RENDER_SECONDS, ChatTemplate, TemplateRenderError
-from edgesink.session import TEXT_CHUNK_CHARS
+from edgesink.textstream import TEXT_CHUNK_CHARS
 from craft_gguf import KV, STR, tiny_model
 
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]

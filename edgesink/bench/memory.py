@@ -49,6 +49,6 @@ def peak_rss_mb() -> float:
 
 def kv_cache_bytes(model, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
     """Bytes of the K and V caches of ``n_ctx`` cells over all layers."""
-    from ..session import estimate_kv_bytes
+    from ..options import estimate_kv_bytes
 
     return estimate_kv_bytes(model, n_ctx, bytes_per_value=(TYPE_BYTES[type_k] + TYPE_BYTES[type_v]) / 2)
