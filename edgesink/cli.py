@@ -71,6 +71,8 @@ def open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose):
     from .session import Session
 
     _native.set_verbose(verbose)
+    if sys.stderr.isatty():  # a first load checks the file in a child process: say why we wait
+        click.echo(f"loading {model or 'the default model'} ...", err=True)
     return Session(load(model, n_gpu_layers=n_gpu_layers), n_ctx=n_ctx, policy=policy, sinks=sinks,
                    n_threads=threads)
 

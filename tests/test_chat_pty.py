@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -15,17 +17,29 @@ EDGESINK = Path(sys.executable).with_name("edgesink")
 PROMPT = ">>> "
 
 
+@contextlib.contextmanager
 def spawn(*args: str):
+    """The program in a terminal; if it stops answering, the test fails with every thread's stack."""
     # The isolated HOME / HF_HOME / HF_ENDPOINT that conftest set are in os.environ: inherited.
-    env = dict(os.environ, TERM="dumb")
+    # PYTHONFAULTHANDLER: SIGABRT makes the child print where each thread is before it dies.
+    env = dict(os.environ, TERM="dumb", PYTHONFAULTHANDLER="1")
     child = pexpect.spawn(str(EDGESINK), [*args, "--n-ctx", "256", "--threads", "1"], env=env,
                           encoding="utf-8", timeout=90, dimensions=(24, 200))
-    return child
+    try:
+        yield child
+    except pexpect.TIMEOUT:
+        seen = child.before
+        child.kill(signal.SIGABRT)
+        with contextlib.suppress(pexpect.TIMEOUT, pexpect.EOF):
+            child.expect(pexpect.EOF, timeout=20)
+        pytest.fail(f"edgesink {args[0]} stopped answering.\nIt printed:\n{seen}\nIts stacks:\n{child.before}")
+    finally:
+        child.close()
 
 
 def test_chat_at_a_terminal():
-    child = spawn("chat", "--max-tokens", "1000", "--top-k", "1", "--seed", "1")
-    try:
+    with spawn("chat", "--max-tokens", "1000", "--top-k", "1", "--seed", "1") as child:
+        child.expect_exact("loading the default model ...")
         child.expect("edgesink chat - SmolLM2-135M-Instruct.Q4_1.gguf, n_ctx 256, policy sink")
         child.expect_exact(PROMPT)
         child.sendline("Hi")
@@ -57,32 +71,24 @@ def test_chat_at_a_terminal():
         child.expect_exact(PROMPT)
         child.sendline("/exit")
         child.expect(pexpect.EOF)
-    finally:
-        child.close()
     assert child.exitstatus == 0
     assert "Traceback" not in child.before
 
 
 def test_ctrl_c_at_the_prompt_and_ctrl_d_to_quit():
-    child = spawn("chat")
-    try:
+    with spawn("chat") as child:
         child.expect_exact(PROMPT)
         child.sendintr()  # at the prompt: a new prompt, the chat goes on
         child.expect_exact(PROMPT)
         child.sendeof()
         child.expect(pexpect.EOF)
-    finally:
-        child.close()
     assert child.exitstatus == 0
 
 
 def test_endless_generation_until_ctrl_c():
-    child = spawn("generate", "-p", "Once upon a time", "--max-tokens", "-1", "--seed", "3")
-    try:
+    with spawn("generate", "-p", "Once upon a time", "--max-tokens", "-1", "--seed", "3") as child:
         child.expect(re.compile(r"(\w+\W+){60}"))  # well past the first words, still going
         child.sendintr()
         child.expect(pexpect.EOF)
-    finally:
-        child.close()
     assert child.exitstatus == 0
     assert "Traceback" not in (child.before or "")
