@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from edgesink.bench import BenchConfig, run_benchmark
 from edgesink.bench.config import Variant, plan
 from edgesink.bench.corpus import uniform_sample
+from edgesink.bench.soak import memory_figures
 from edgesink.bench.summary import ROW_KEYS
 from edgesink.bench.worker import run_in_worker
 
@@ -45,6 +46,31 @@ def test_plan_covers_every_policy_and_reuses_runs():
     types = {(j.variant.policy, j.variant.cache_type_k) for j in quality if j.variant.cache_type_k != "f16"}
     assert types == {("sink", "q8_0"), ("sink", "f32"), ("halve", "f32")}
     assert {j.kind for j in jobs} == {"quality", "latency", "overhead"}
+
+
+def test_soak_alone_plans_no_quality_runs_and_short_streams_are_refused():
+    jobs = plan(BenchConfig(tokens=0, n_ctx=(512,), policies=("sink",), evict_chunks=(1,), soak=10_000))
+    assert [j.kind for j in jobs] == ["latency", "overhead", "overhead", "soak"]
+    with pytest.raises(ValueError, match="longer than the cache"):
+        BenchConfig(tokens=400, n_ctx=(256, 512))
+    with pytest.raises(ValueError, match="longer than the cache"):
+        BenchConfig(tokens=4000, n_ctx=(256, 2048), main_n_ctx=256, sweep_tokens=1000)
+    with pytest.raises(ValueError, match="tokens must be 0"):
+        BenchConfig(tokens=1)
+
+
+def test_soak_memory_figures_show_growth_that_single_samples_hide():
+    n_ctx = 512
+    steady = [(n_ctx + 1000 * i, float(i), 180.0 + (1.5 if i % 7 == 0 else 0.0), 64.0) for i in range(400)]
+    figures = memory_figures(steady, n_ctx)
+    assert figures["rss_quarter_medians_mb"] == [180.0] * 4 and abs(figures["rss_trend_mb_per_100k"]) < 0.05
+    leaking = [(t, sec, rss + 0.001 * i, anon + 0.001 * i) for i, (t, sec, rss, anon) in enumerate(steady)]
+    figures = memory_figures(leaking, n_ctx)
+    assert figures["anon_swap_trend_mb_per_100k"] == pytest.approx(0.1)
+    assert figures["anon_swap_quarter_medians_mb"] == sorted(figures["anon_swap_quarter_medians_mb"])
+    assert figures["anon_swap_quarter_medians_mb"][-1] - figures["anon_swap_quarter_medians_mb"][0] > 0.25
+    before_fill = [(100, 0.1, 50.0, 20.0)]
+    assert memory_figures(before_fill + steady, n_ctx)["rss_after_fill_mb"] == 181.5
 
 
 def test_uniform_sample_is_spread_and_excludes_position_zero():
@@ -117,3 +143,32 @@ def test_cli_rejects_bad_flags(tmp_path):
     result = CliRunner().invoke(main, ["bench", "--n-ctx", "4", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "sinks" in result.output
     assert "--soak" in CliRunner().invoke(main, ["bench", "--help"]).output
+
+
+def test_soak_alone_then_its_report_re_rendered(tmp_path):
+    from edgesink.cli import main
+
+    run_benchmark(tiny_config(tmp_path, tokens=0, policies=("sink",), evict_chunks=(1,), stock_lib=None,
+                              json_path=None), progress=False)
+    report = (tmp_path / "results.md").read_text()
+    assert "Soak: 384 tokens" in report and "Eviction overhead" in report
+    assert "Quality per policy" not in report and "Perplexity (`ppl`)" not in report
+    assert not (tmp_path / "segments.csv").exists()
+    details = json.loads((tmp_path / "details.json").read_text())
+    assert [r["label"] for r in details["rows"]] == ["sink(4, chunk 1)"]
+
+    result = CliRunner().invoke(main, ["bench", "--report-only", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    again = (tmp_path / "results.md").read_text()
+    assert "re-rendered from the run's JSON" in again
+    rerendered_line = next(line for line in again.splitlines() if "re-rendered" in line)
+    assert again.replace(rerendered_line + "\n", "") == report  # only that line is new
+
+    # A run saved before details.json held its rows gets them from results.csv.
+    del details["rows"]
+    (tmp_path / "details.json").write_text(json.dumps(details))
+    assert CliRunner().invoke(main, ["bench", "--report-only", "--out", str(tmp_path)]).exit_code == 0
+    assert (tmp_path / "results.md").read_text() == again
+
+    result = CliRunner().invoke(main, ["bench", "--report-only", "--out", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "details.json is missing" in result.output

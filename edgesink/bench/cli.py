@@ -47,7 +47,8 @@ def _csv(values) -> str:
 @click.option("--model", default=None, help="GGUF path or registry name [default: the built-in SmolLM2-135M].")
 @click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Any UTF-8 text to stream [default: Jane Austen's novels].")
-@click.option("--tokens", default=DEFAULTS.tokens, show_default=True, help="Length of the long quality streams.")
+@click.option("--tokens", default=DEFAULTS.tokens, show_default=True,
+              help="Length of the long quality streams (longer than every n_ctx; 0: no quality runs).")
 @click.option("--n-ctx", "n_ctx", default=_csv(DEFAULTS.n_ctx), show_default=True, callback=_ints,
               help="Cache sizes.")
 @click.option("--sinks", default=_csv(DEFAULTS.sinks), show_default=True, callback=_ints,
@@ -72,13 +73,18 @@ def _csv(values) -> str:
                    "'none' to skip.")
 @click.option("--out", default=DEFAULTS.out, show_default=True, help="Folder for the tables and plots.")
 @click.option("--json", "json_path", default=None, help="Also write the JSON results here.")
-def bench(n_ctx, stock_lib, **options):
+@click.option("--report-only", is_flag=True,
+              help="Measure nothing: re-write the report and plots in --out from the JSON a run saved there.")
+def bench(n_ctx, stock_lib, report_only, **options):
     """Measure every context policy: perplexity, per-token latency, feed speed, memory.
 
     Streams one long text through dense, window, sink (each eviction chunk), halve and
     recompute on the same tokens, times eviction against a dense step with the patched and the
     stock libllama, and writes a Markdown table, CSV/JSON and PNG plots into --out.
     """
+    if report_only:
+        _rerender(Path(options["out"]))
+        return
     if stock_lib is None:
         stock_lib = _default_stock_lib()
     elif stock_lib.lower() == "none":
@@ -91,3 +97,13 @@ def bench(n_ctx, stock_lib, **options):
 
     summary = run_benchmark(config)
     click.echo(f"results in {Path(config.out) / 'results.md'} ({summary['header']['run_seconds'] / 60:.1f} min)")
+
+
+def _rerender(out: Path) -> None:
+    from .rerender import rerender
+
+    try:
+        rerender(out, shlex.join(sys.argv))
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise click.UsageError(f"cannot re-render {out}: {e}") from e
+    click.echo(f"results in {out / 'results.md'} (re-rendered)")

@@ -79,7 +79,7 @@ class BenchConfig:
 
     model: str | None = None  # path or registry name; None: the default model
     text: str | None = None  # UTF-8 file; None: Jane Austen's novels
-    tokens: int = 20_000
+    tokens: int = 20_000  # 0: no quality runs (e.g. a soak alone)
     n_ctx: tuple[int, ...] = (256, 512, 1024, 2048)
     sinks: tuple[int, ...] = (0, 1, 2, 4, 8)
     cache_types: tuple[str, ...] = ("f16", "q8_0", "f32")
@@ -112,12 +112,16 @@ class BenchConfig:
             raise ValueError(f"unknown policies {', '.join(unknown)}; choose from {', '.join(POLICY_NAMES)}")
         if not self.n_ctx:
             raise ValueError("give at least one n_ctx")
-        if self.tokens < 2 or self.sample < 1:
-            raise ValueError("tokens must be >= 2 and sample >= 1")
+        if self.tokens < 0 or self.tokens == 1 or (self.tokens and self.sample < 1):
+            raise ValueError("tokens must be 0 (no quality runs) or >= 2, and sample >= 1")
         if min(self.n_ctx) <= max(self.sinks + (DEFAULT_SINKS,)) + 1:
             raise ValueError("every n_ctx must be larger than the sinks")
         if self.main_n_ctx not in self.n_ctx:
             object.__setattr__(self, "main_n_ctx", self.n_ctx[0])
+        short = [n for n in self.n_ctx if self.tokens and self.tokens_for(n) <= n]
+        if short:
+            raise ValueError(f"the quality streams must be longer than the cache (n_ctx {short[0]}) or nothing "
+                             "is evicted: raise tokens / sweep_tokens, or use tokens 0 for no quality runs")
 
     @property
     def base_type(self) -> str:
@@ -162,6 +166,25 @@ class Job:
 
 def plan(config: BenchConfig) -> list[Job]:
     """Every job of a run, in the order they run."""
+    jobs = _quality_jobs(config) if config.tokens else []
+    base = config.base_type
+    for n_ctx in config.n_ctx:
+        for v in config.policy_variants(n_ctx):
+            jobs.append(Job("latency", v))
+    if "sink" in config.policies:
+        for n_ctx in config.n_ctx:
+            v = Variant.of("sink", n_ctx, base)
+            for _ in range(config.overhead_rounds):
+                jobs.append(Job("overhead", v))
+                if config.stock_lib:
+                    jobs.append(Job("overhead", v, stock=True))
+    if config.soak:
+        jobs.append(Job("soak", Variant.of("sink", config.main_n_ctx, base), config.soak))
+    return jobs
+
+
+def _quality_jobs(config: BenchConfig) -> list[Job]:
+    """The perplexity streams: every policy per n_ctx, the K-cache types, then the sinks sweep."""
     jobs: list[Job] = []
     base = config.base_type
     for n_ctx in config.n_ctx:
@@ -181,18 +204,6 @@ def plan(config: BenchConfig) -> list[Job]:
                 if v not in done and not (s == 0 and Variant.of("window", n_ctx, base) in done):
                     jobs.append(Job("quality", v, config.sweep_length))
                     done.add(v)
-    for n_ctx in config.n_ctx:
-        for v in config.policy_variants(n_ctx):
-            jobs.append(Job("latency", v))
-    if "sink" in config.policies:
-        for n_ctx in config.n_ctx:
-            v = Variant.of("sink", n_ctx, base)
-            for _ in range(config.overhead_rounds):
-                jobs.append(Job("overhead", v))
-                if config.stock_lib:
-                    jobs.append(Job("overhead", v, stock=True))
-    if config.soak:
-        jobs.append(Job("soak", Variant.of("sink", config.main_n_ctx, base), config.soak))
     return jobs
 
 

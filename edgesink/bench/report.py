@@ -31,7 +31,9 @@ def write_all(out: Path, header: dict, summary: dict, json_path: str | None = No
     written.append(_write_csv(out / "results.csv", summary["rows"], CSV_KEYS))
     if summary["segments"]:
         written.append(_write_csv(out / "segments.csv", summary["segments"], list(summary["segments"][0])))
-    details = {**header, **{k: v for k, v in summary.items() if k != "rows"}}
+    else:
+        (out / "segments.csv").unlink(missing_ok=True)  # a re-rendered run may have had one
+    details = {**header, **summary}  # everything the report is made from: see rerender()
     (out / "details.json").write_text(json.dumps(details, indent=1, default=float) + "\n")
     (out / "results.md").write_text(markdown(header, summary))
     return written + [out / "details.json", out / "results.md"]
@@ -66,41 +68,54 @@ def _table(headers: list[str], lines: list[list]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _intro(header: dict) -> str:
+    machine = header["machine"]
+    text = (f"# Context-shift benchmark\n\n- model: {header['model']}\n- text: {header['text']}\n"
+            f"- machine: {summary_line(machine)}; load average at start {machine['load_average_at_start']}\n"
+            f"- libllama: patch level {machine['patch_level']}, llama.cpp {machine['llama_cpp_commit']}; "
+            f"stock library: {header.get('stock_lib') or 'not compared'}\n"
+            f"- command: `{header['command']}`\n- date: {machine['date']}; run time {header['run_seconds'] / 60:.1f} min\n")
+    if header.get("rerendered"):
+        text += f"- report re-rendered from the run's JSON, nothing measured again: `{header['rerendered']}`\n"
+    return text
+
+
+def _quality_note(cfg: dict) -> str:
+    return (f"\nPerplexity (`ppl`) is on the same positions for every policy at an n_ctx: a uniform sample of "
+            f"{cfg['sample']} positions of the first {cfg['tokens']:,} tokens where recompute was scored (fewer for "
+            f"the shorter streams). `ppl all` is over every position of the stream. `dense` cannot pass its cache "
+            f"and is scored on the first n_ctx tokens only. Tokens are fed in the engine's default batches (n_ctx/16, "
+            f"at most 64): a batch of b tokens evicts b first, so while feeding, sink evicts per batch; an eviction "
+            f"chunk that divides b computes exactly what chunk 1 does (rows marked \"= chunk 1\" share its run). "
+            f"Generation evicts per token.\n")
+
+
+def _quality_table(rows: list[dict]) -> str:
+    return "\n## Quality per policy and n_ctx\n\n" + _table(
+        ["policy", "n_ctx", "K type", "stream", "scored", "ppl", "vs recompute (± s.e.)", "ppl all"],
+        [[r["label"] + (" (= chunk 1)" if r.get("quality_of_chunk_1") else ""), r["n_ctx"], r["cache_type_k"],
+          _fmt(r.get("stream_tokens")), r["tokens_scored"], _fmt(r["ppl"]), _vs(r), _fmt(r.get("ppl_all"))]
+         for r in rows])
+
+
 def markdown(header: dict, summary: dict) -> str:
-    """The report: what was run, then one table per question."""
-    cfg, rows = header["config"], summary["rows"]
-    parts = [
-        "# Context-shift benchmark\n",
-        f"- model: {header['model']}\n- text: {header['text']}\n- machine: {summary_line(header['machine'])}; "
-        f"load average at start {header['machine']['load_average_at_start']}\n"
-        f"- libllama: patch level {header['machine']['patch_level']}, llama.cpp {header['machine']['llama_cpp_commit']}; "
-        f"stock library: {header.get('stock_lib') or 'not compared'}\n"
-        f"- command: `{header['command']}`\n- date: {header['machine']['date']}; run time {header['run_seconds'] / 60:.1f} min\n",
-        f"\nPerplexity (`ppl`) is on the same positions for every policy at an n_ctx: a uniform sample of "
-        f"{cfg['sample']} positions of the first {cfg['tokens']:,} tokens where recompute was scored (fewer for "
-        f"the shorter streams). `ppl all` is over every position of the stream. `dense` cannot pass its cache "
-        f"and is scored on the first n_ctx tokens only. Tokens are fed in the engine's default batches (n_ctx/16, at "
-        f"most 64): a batch of b tokens evicts b first, so while feeding, sink evicts per batch; an eviction chunk "
-        f"that divides b computes exactly what chunk 1 does (rows marked \"= chunk 1\" share its run). Generation "
-        f"evicts per token.\n",
-    ]
+    """The report: what was run, then one table per question (sections with nothing measured are left out)."""
+    rows = summary["rows"]
+    quality_rows = [r for r in rows if r.get("ppl") is not None]
+    parts = [_intro(header), _quality_note(header["config"]) if quality_rows else ""]
     headline = headlines(header, summary)
     if headline:
         parts.append("\n## Headline\n\n" + "".join(f"- {line}\n" for line in headline))
-    quality_rows = [r for r in rows if r.get("ppl") is not None]
-    parts.append("\n## Quality per policy and n_ctx\n\n")
-    parts.append(_table(
-        ["policy", "n_ctx", "K type", "stream", "scored", "ppl", "vs recompute (± s.e.)", "ppl all"],
-        [[r["label"] + (" (= chunk 1)" if r.get("quality_of_chunk_1") else ""), r["n_ctx"], r["cache_type_k"],
-          _fmt(r.get("stream_tokens")), r["tokens_scored"], _fmt(r["ppl"]),
-          _vs(r), _fmt(r.get("ppl_all"))] for r in quality_rows]))
+    if quality_rows:
+        parts.append(_quality_table(quality_rows))
     speed_rows = [r for r in rows if r.get("ms_per_token_median") is not None]
     parts.append("\n## Speed and memory (generation at a full cache, greedy)\n\n")
     parts.append(_table(
         ["policy", "n_ctx", "ms/token median", "ms/token p95", "feed tokens/s", "KV cache MiB", "peak RSS MiB"],
         [[r["label"], r["n_ctx"], _fmt(r["ms_per_token_median"]), _fmt(r["ms_per_token_p95"]),
           _fmt(r.get("feed_tokens_per_s"), 0), _fmt(r["kv_cache_mb"], 1), _fmt(r["peak_rss_mb"], 0)] for r in speed_rows]))
-    parts.append("\n`recompute` feeds lazily; its feed rate is one re-encoding of the window per token.\n")
+    if any(r["policy"] == "recompute" for r in speed_rows):
+        parts.append("\n`recompute` feeds lazily; its feed rate is one re-encoding of the window per token.\n")
     if summary["speedup"]:
         parts.append("\n## Speed-up of sink over recompute (per generated token)\n\n")
         parts.append(_table(["n_ctx", "sink ms", "recompute ms", "speed-up"],
@@ -203,11 +218,12 @@ _MEMORY_NAMES = {"rss": "RSS", "anon_swap": "anonymous memory + swap"}
 
 
 def _soak_memory(soak: dict, kind: str) -> str:
-    """One memory figure of a soak: after the first fill, at the end, and the range after filling."""
+    """One memory figure of a soak: after the first fill, at the end, per quarter and its trend."""
     after, end = soak[f"{kind}_after_fill_mb"], soak[f"{kind}_end_mb"]
-    spread = 100 * (soak[f"{kind}_max_mb"] - soak[f"{kind}_min_after_fill_mb"]) / after
+    quarters = "/".join(f"{q:.2f}" for q in soak[f"{kind}_quarter_medians_mb"])
     return (f"{_MEMORY_NAMES[kind]} {after:.1f} MiB just after the cache filled, {end:.1f} MiB at the end "
-            f"({100 * (end / after - 1):+.2f}%), range after filling {spread:.2f}% of it")
+            f"({100 * (end / after - 1):+.2f}%); medians per quarter of the stream {quarters} MiB, "
+            f"trend {soak[f'{kind}_trend_mb_per_100k']:+.3f} MiB per 100k tokens")
 
 
 def _soak_speed(soak: dict) -> str:

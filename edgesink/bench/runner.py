@@ -91,7 +91,7 @@ def run_benchmark(config: BenchConfig, *, progress: bool = True) -> dict:
         text_name, tokens = stream_tokens(model, config.text, needed)
         model_name = model_path.name
         model_desc = f"{model_path.name} ({model.architecture}, {model.n_layer} layers, {model.size_bytes / 1e6:.0f} MB)"
-    sample = uniform_sample(config.tokens, config.sample, config.seed)
+    sample = uniform_sample(config.tokens, config.sample, config.seed) if config.tokens else np.zeros(0, np.int64)
     measured: list[Measured] = []
     with tempfile.TemporaryDirectory(prefix="edgesink-bench-") as tmp:
         work = Path(tmp)
@@ -119,14 +119,15 @@ def run_benchmark(config: BenchConfig, *, progress: bool = True) -> dict:
                    if k not in ("command", "out", "json_path", "stock_lib")},
         "sample_positions": sample.tolist(),
     }
-    header["plots"] = _plots(out, summary, header) if config.plots else []
+    header["plots"] = draw_plots(out, summary, header) if config.plots else []
     header["run_seconds"] = time.perf_counter() - started
     write_all(out, header, summary, config.json_path)
     summary["header"] = header
     return summary
 
 
-def _plots(out: Path, summary: dict, header: dict) -> list[str]:
+def draw_plots(out: Path, summary: dict, header: dict) -> list[str]:
+    """The PNG plots of a run into ``out`` (none without matplotlib); returns their names."""
     import importlib.util
     import warnings
 

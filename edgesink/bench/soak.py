@@ -46,22 +46,32 @@ def run_soak(model, variant: Variant, tokens: np.ndarray, *, segment: int, sampl
     segments = [{"start": i * segment, "end": min(len(tokens), (i + 1) * segment),
                  "ppl": float(np.exp(nll_sum[i] / scored[i])) if scored[i] else None, "scored": int(scored[i])}
                 for i in range(n_segments)]
-    return {"segments": segments, "series": series, **_memory_figures(series, variant.n_ctx),
+    return {"segments": segments, "series": series, **memory_figures(series, variant.n_ctx),
             **_speed_figures(series), "seconds": seconds, "tokens_per_s": len(tokens) / seconds,
             "evictions": stats.evictions, "rebases": stats.rebases, "refreshes": stats.refreshes,
             "tokens_in_cache": stats.tokens_in_cache}
 
 
-def _memory_figures(series, n_ctx: int) -> dict:
-    """RSS and anonymous+swap memory: just after the cache filled, at the end, range after filling."""
+def memory_figures(series, n_ctx: int) -> dict:
+    """RSS and anonymous+swap memory once the cache is full: first and last sample, extremes,
+    the median of each quarter of the stream, and the least-squares trend in MiB per 100k tokens.
+
+    Single samples swing by a MiB or two (the allocator returns and takes pages); the quarter
+    medians and the trend are what show growth.
+    """
     after_fill = [s for s in series if s[0] >= n_ctx]
+    done = np.array([s[0] for s in after_fill], dtype=float)
     figures = {}
     for name, column in (("rss", 2), ("anon_swap", 3)):
-        values = np.array([s[column] for s in after_fill], dtype=float)
-        if np.isnan(values).any():
+        values = np.array([np.nan if s[column] is None else s[column] for s in after_fill], dtype=float)
+        if not len(values) or np.isnan(values).any():
             continue
+        quarters = np.array_split(values, 4) if len(values) >= 4 else [values]
+        slope = np.polyfit(done, values, 1)[0] if len(values) >= 2 and np.ptp(done) > 0 else 0.0
         figures.update({f"{name}_after_fill_mb": float(values[0]), f"{name}_end_mb": float(values[-1]),
-                        f"{name}_max_mb": float(values.max()), f"{name}_min_after_fill_mb": float(values.min())})
+                        f"{name}_max_mb": float(values.max()), f"{name}_min_after_fill_mb": float(values.min()),
+                        f"{name}_quarter_medians_mb": [float(np.median(q)) for q in quarters],
+                        f"{name}_trend_mb_per_100k": float(slope * 100_000)})
     return figures
 
 

@@ -1,0 +1,80 @@
+"""Re-writing a run's report and plots from the JSON it saved, measuring nothing again.
+
+A run saves everything its report is made from in ``details.json``. After a change to the
+report (a new figure computed from the saved series, a clearer table), ``edgesink bench
+--report-only --out DIR`` brings an old run's ``results.md`` and plots up to date. Runs
+saved before ``details.json`` held the rows get them back from ``results.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from .soak import memory_figures
+
+SUMMARY_KEYS = ("rows", "speedup", "overhead", "segments", "stream_curves", "sinks_sweep", "cache_types", "soak",
+                "jobs")
+QUALITY_KEYS = ("ppl", "tokens_scored", "ppl_all", "tokens_all", "stream_tokens", "vs_recompute_pct",
+                "vs_recompute_se_pct", "feed_scored_tokens_per_s")
+
+
+def load_run(out: Path) -> tuple[dict, dict]:
+    """The header and summary a run saved in ``out``; FileNotFoundError if there is none."""
+    details_file = out / "details.json"
+    if not details_file.exists():
+        raise FileNotFoundError(f"no benchmark run in {out}: {details_file.name} is missing")
+    details = json.loads(details_file.read_text())
+    header = {k: v for k, v in details.items() if k not in SUMMARY_KEYS}
+    summary = {k: details.get(k) or ([] if k != "soak" else None) for k in SUMMARY_KEYS}
+    if not summary["rows"]:
+        summary["rows"] = _rows_from_csv(out / "results.csv")
+    _drop_streams_shorter_than_the_cache(header["config"], summary)
+    if summary["soak"]:
+        summary["soak"].update(memory_figures(summary["soak"]["series"], header["config"]["main_n_ctx"]))
+    return header, summary
+
+
+def rerender(out: Path, command: str) -> list[str]:
+    """Re-write ``out``'s report and plots from its saved JSON; returns the plots written."""
+    from .report import write_all
+    from .runner import draw_plots
+
+    header, summary = load_run(out)
+    old_plots = set(header.get("plots") or [])
+    header["rerendered"] = command
+    header["plots"] = draw_plots(out, summary, header) if old_plots else []
+    for stale in old_plots - set(header["plots"]):
+        (out / stale).unlink(missing_ok=True)
+    write_all(out, header, summary)
+    return header["plots"]
+
+
+def _rows_from_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(text: str):
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _drop_streams_shorter_than_the_cache(cfg: dict, summary: dict) -> None:
+    """Runs from before quality streams had to outlast the cache (a soak alone ran a 2-token
+    stream): what those streams measured says nothing about eviction, so it is left out."""
+    if cfg["tokens"] > cfg["main_n_ctx"]:
+        return
+    for key in ("segments", "stream_curves", "sinks_sweep", "cache_types"):
+        summary[key] = []
+    for row in summary["rows"]:
+        for key in QUALITY_KEYS:
+            row.pop(key, None)
+    summary["rows"] = [r for r in summary["rows"] if r.get("ms_per_token_median") is not None]
