@@ -23,7 +23,7 @@ def session_options(fn):
                      help="What to evict when the cache is full."),
         click.option("--sinks", type=click.IntRange(min=0), default=None,
                      help="Attention sinks kept by sink and halve (default 4)."),
-        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: every CPU this process may use)."),
         click.option("--n-gpu-layers", type=int, default=-1, show_default=True,
                      help="Layers offloaded to the GPU in GPU builds (-1: all)."),
         click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),

@@ -63,6 +63,18 @@ _SAMPLING_INTS = ("top_k", "repeat_last_n", "seed")
 _SAMPLING_FLOATS = ("temperature", "top_p", "min_p", "repeat_penalty")
 
 
+def default_threads() -> int:
+    """The CPUs this process may run on (a container's or ``taskset``'s share, not the host's).
+
+    llama.cpp's threads spin-wait for each other at every operation, so more threads than
+    usable CPUs slows decoding down by an order of magnitude instead of helping.
+    """
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def sampling_params(sampling: dict) -> SamplingParams:
     """SamplingParams from keyword arguments, with wrong names and types as ValueError."""
     unknown = set(sampling) - set(_SAMPLING_INTS) - set(_SAMPLING_FLOATS)

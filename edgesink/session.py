@@ -20,8 +20,8 @@ from ._native import C
 from .errors import UnsupportedModelError
 from .kvcache import StreamCache, deferred_interrupt
 from .model import Model, load
-from .options import (cache_type, check_n_ctx, check_session_options, kept_forward_mode, not_int, sampling_params,
-                      stop_strings)
+from .options import (cache_type, check_n_ctx, check_session_options, default_threads, kept_forward_mode, not_int,
+                      sampling_params, stop_strings)
 from .policies import ContextPolicy, make_policy
 from .sampling import Sampler
 from .textstream import StopMatcher, Utf8Stream, text_pieces
@@ -72,7 +72,7 @@ class Session:
             tokens: keep b a small fraction of the window.
         type_k, type_v: cache types (``f16`` default; ``q8_0``, ``f32``, ...).
         flash_attn: True/False, or None to let llama.cpp decide.
-        n_threads: CPU threads (default: all cores).
+        n_threads: CPU threads (default: every CPU this process may run on).
         shift_mode: ``"auto"`` (kept-forward with a patched libllama, else window-back),
             ``"kept-forward"`` or ``"window-back"``; see :mod:`edgesink.kvcache`.
         refresh_every: re-encode the kept tokens after this many shifts (kept-forward mode).
@@ -124,7 +124,7 @@ class Session:
         p.n_batch = p.n_ubatch = max(self.batch_size, min(512, self.n_ctx))
         p.n_seq_max = 2  # the stream, and a scratch sequence to re-encode the kept tokens
         p.kv_unified = True  # one cache of n_ctx cells shared by both sequences
-        p.n_threads = p.n_threads_batch = n_threads or os.cpu_count() or 1
+        p.n_threads = p.n_threads_batch = n_threads or default_threads()
         p.type_k, p.type_v = cache_type(type_k), cache_type(type_v)
         p.flash_attn_type = {None: -1, True: 1, False: 0}[flash_attn]
         # Sliding-window (iSWA) models keep only the last n_swa tokens by default, which cannot shift.

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -237,3 +241,17 @@ def test_session_from_a_path_owns_its_model(model_path):
         s.feed("Hi")
         owned = s.model
     assert owned._model is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is a Linux API")
+def test_default_threads_follow_the_cpus_this_process_may_use(model_path):
+    """Threads beyond the usable CPUs spin-wait for each other: a container's cpuset, not the host's cores."""
+    code = ("import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from edgesink import load; from edgesink._native import C; "
+            "m = load(sys.argv[1], check='none'); s = m.session(n_ctx=64); "
+            "print(C.llama_n_threads(s._cache.ctx), C.llama_n_threads_batch(s._cache.ctx))")
+    out = subprocess.run([sys.executable, "-c", code, str(model_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "1"]
+    with Session(model_path, n_ctx=64) as s:
+        assert C.llama_n_threads(s._cache.ctx) == len(os.sched_getaffinity(0))

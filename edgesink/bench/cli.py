@@ -67,7 +67,7 @@ def _csv(values) -> str:
 @click.option("--sample", default=DEFAULTS.sample, show_default=True,
               help="Positions recompute scores (every policy is compared on them).")
 @click.option("--soak", default=0, show_default=True, help="Tokens streamed through sink in a soak (0: none).")
-@click.option("--threads", type=int, default=None, help="CPU threads [default: all cores].")
+@click.option("--threads", type=int, default=None, help="CPU threads [default: every CPU this process may use].")
 @click.option("--stock-lib", default=None,
               help="Folder of the unpatched libllama for the overhead comparison [default: build/stock/lib if built]; "
                    "'none' to skip.")

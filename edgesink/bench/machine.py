@@ -29,12 +29,13 @@ def describe_machine(threads: int | None = None) -> dict:
     """CPU, cores, memory, OS, Python, the libllama loaded and how busy the machine was."""
     from .. import __version__, _native
     from ..info import pinned_commit
+    from ..options import default_threads
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
-        "threads": threads or os.cpu_count(),
+        "threads": threads or default_threads(),
         "memory_gib": _memory_gib(),
         "os": platform.platform(),
         "python": platform.python_version(),
