@@ -20,6 +20,23 @@ def _color(label: str, policy: str) -> str:
     return "tab:cyan" if policy == "sink" and "chunk 1)" not in label else COLORS.get(policy, "gray")
 
 
+def _save(fig, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return True
+
+
+def _finish(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, **grid) -> bool:
+    """Label a one-panel plot, add its legend and grid, and save it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, **grid)
+    return _save(fig, path)
+
+
 def plot_all(out: Path, summary: dict, header: dict) -> list[str]:
     """Every plot the results allow; returns the file names written."""
     written = []
@@ -55,10 +72,7 @@ def _logppl_stream(path: Path, summary: dict, header: dict) -> bool:
     n = max(len(c["sample_positions"]) for c in curves)
     bottom.set_ylabel(f"running log-perplexity (nats)\non the {n} shared sampled positions")
     bottom.set_xlabel("position in the stream (tokens); dotted: n_ctx")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _latency(path: Path, summary: dict, header: dict) -> bool:
@@ -81,15 +95,9 @@ def _latency(path: Path, summary: dict, header: dict) -> bool:
                 label="sink(4, chunk 1), stock libllama")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("cache size n_ctx (tokens)")
-    ax.set_ylabel("ms per generated token (median; bar to p95)")
-    ax.set_title(f"{header['model_name']}: per-token latency at a full cache")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _finish(fig, ax, path, xlabel="cache size n_ctx (tokens)",
+                   ylabel="ms per generated token (median; bar to p95)",
+                   title=f"{header['model_name']}: per-token latency at a full cache", which="both")
 
 
 def _sinks(path: Path, summary: dict, header: dict) -> bool:
@@ -101,16 +109,10 @@ def _sinks(path: Path, summary: dict, header: dict) -> bool:
     for n_ctx in sorted({s["n_ctx"] for s in sweep}):
         mine = sorted((s for s in sweep if s["n_ctx"] == n_ctx), key=lambda s: s["sinks"])
         ax.plot([s["sinks"] for s in mine], [s["ppl"] for s in mine], "o-", label=f"n_ctx {n_ctx}")
-    ax.set_xlabel("attention sinks kept (0: window)")
-    ax.set_ylabel(f"perplexity, all positions of the first {sweep[0]['tokens'] + 1:,} tokens")
-    ax.set_title(f"{header['model_name']}: perplexity vs sinks")
     ax.set_xticks(sorted({s["sinks"] for s in sweep}))
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _finish(fig, ax, path, xlabel="attention sinks kept (0: window)",
+                   ylabel=f"perplexity, all positions of the first {sweep[0]['tokens'] + 1:,} tokens",
+                   title=f"{header['model_name']}: perplexity vs sinks", which="both")
 
 
 def _cache_types(path: Path, summary: dict, header: dict) -> bool:
@@ -125,15 +127,9 @@ def _cache_types(path: Path, summary: dict, header: dict) -> bool:
         ax.plot([(c["start"] + c["end"]) / 2 for c in mine], [c["vs_f32_pct"] for c in mine],
                 styles.get(key[2], ":"), marker="o", color=_color(key[0], key[1]), label=f"{key[0]}, K {key[2]}")
     ax.axhline(0, color="gray", lw=0.8)
-    ax.set_xlabel("position in the stream (tokens)")
-    ax.set_ylabel("segment perplexity vs f32 K cache (%)")
-    ax.set_title(f"{header['model_name']}: K-cache type drift, n_ctx {ct[0]['n_ctx']}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _finish(fig, ax, path, xlabel="position in the stream (tokens)",
+                   ylabel="segment perplexity vs f32 K cache (%)",
+                   title=f"{header['model_name']}: K-cache type drift, n_ctx {ct[0]['n_ctx']}")
 
 
 def _overhead(path: Path, summary: dict, header: dict) -> bool:
@@ -152,15 +148,9 @@ def _overhead(path: Path, summary: dict, header: dict) -> bool:
                color="tab:blue" if lib == "patched" else "tab:orange", label=f"{lib} libllama")
     ax.axhline(10, color="gray", ls=":", lw=1, label="10%")
     ax.set_xticks(range(len(sizes)), [str(n) for n in sizes])
-    ax.set_xlabel("cache size n_ctx (tokens)")
-    ax.set_ylabel("one-token eviction step over a dense step (%)")
-    ax.set_title(f"{header['model_name']}: eviction overhead (medians)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _finish(fig, ax, path, xlabel="cache size n_ctx (tokens)",
+                   ylabel="one-token eviction step over a dense step (%)",
+                   title=f"{header['model_name']}: eviction overhead (medians)", axis="y")
 
 
 def _soak(path: Path, summary: dict, header: dict) -> bool:
@@ -190,7 +180,4 @@ def _soak(path: Path, summary: dict, header: dict) -> bool:
     c.set_xlabel("tokens streamed")
     for ax in (a, b, c):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)

@@ -11,7 +11,7 @@ from .summary import json_row
 
 CSV_KEYS = ("label", "policy", "n_ctx", "sinks", "evict_chunk", "cache_type_k", "stream_tokens", "tokens_scored",
             "ppl", "vs_recompute_pct", "vs_recompute_se_pct", "tokens_all", "ppl_all", "ms_per_token_median", "ms_per_token_p95",
-            "feed_tokens_per_s", "feed_scored_tokens_per_s", "kv_cache_mb", "peak_rss_mb")
+            "feed_tokens_per_s", "feed_scored_tokens_per_s", "kv_cache_mb", "peak_rss_mb", "quality_of_chunk_1")
 
 
 def results_json(header: dict, summary: dict) -> dict:

@@ -57,8 +57,8 @@ def _rows_from_csv(path: Path) -> list[dict]:
 
 
 def _number(text: str):
-    if text == "":
-        return None
+    if text in ("", "True", "False"):
+        return {"": None, "True": True, "False": False}[text]
     for kind in (int, float):
         try:
             return kind(text)
