@@ -67,3 +67,15 @@ def test_a_session_really_generates(model):
     with model.session(n_ctx=128) as s:
         s.feed("The capital of France is")
         assert s.generate_text(8, top_k=1, seed=1).strip()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ELF shared-library names")
+def test_each_native_library_is_installed_once():
+    """A wheel cannot hold symlinks: versioned aliases (libllama.so.0, .so.0.5.0) would be full copies."""
+    from edgesink._native import installed_path
+
+    folder = installed_path("lib")
+    assert folder is not None, "the package's lib folder is missing: pip install -e . (or make setup)"
+    names = sorted(p.name for p in folder.iterdir() if ".so" in p.name)
+    assert "libllama.so" in names and "libggml-base.so" in names
+    assert all(name.endswith(".so") for name in names), names
