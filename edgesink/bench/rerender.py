@@ -16,8 +16,6 @@ from .soak import memory_figures
 
 SUMMARY_KEYS = ("rows", "speedup", "overhead", "segments", "stream_curves", "sinks_sweep", "cache_types", "soak",
                 "jobs")
-QUALITY_KEYS = ("ppl", "tokens_scored", "ppl_all", "tokens_all", "stream_tokens", "vs_recompute_pct",
-                "vs_recompute_se_pct", "feed_scored_tokens_per_s")
 
 
 def load_run(out: Path) -> tuple[dict, dict]:
@@ -30,7 +28,6 @@ def load_run(out: Path) -> tuple[dict, dict]:
     summary = {k: details.get(k) or ([] if k != "soak" else None) for k in SUMMARY_KEYS}
     if not summary["rows"]:
         summary["rows"] = _rows_from_csv(out / "results.csv")
-    _drop_streams_shorter_than_the_cache(header["config"], summary)
     if summary["soak"]:
         summary["soak"].update(memory_figures(summary["soak"]["series"], header["config"]["main_n_ctx"]))
     return header, summary
@@ -66,15 +63,3 @@ def _number(text: str):
             pass
     return text
 
-
-def _drop_streams_shorter_than_the_cache(cfg: dict, summary: dict) -> None:
-    """Runs from before quality streams had to outlast the cache (a soak alone ran a 2-token
-    stream): what those streams measured says nothing about eviction, so it is left out."""
-    if cfg["tokens"] > cfg["main_n_ctx"]:
-        return
-    for key in ("segments", "stream_curves", "sinks_sweep", "cache_types"):
-        summary[key] = []
-    for row in summary["rows"]:
-        for key in QUALITY_KEYS:
-            row.pop(key, None)
-    summary["rows"] = [r for r in summary["rows"] if r.get("ms_per_token_median") is not None]

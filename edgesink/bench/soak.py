@@ -53,8 +53,8 @@ def run_soak(model, variant: Variant, tokens: np.ndarray, *, segment: int, sampl
 
 
 def memory_figures(series, n_ctx: int) -> dict:
-    """RSS and anonymous+swap memory once the cache is full: first and last sample, extremes,
-    the median of each quarter of the stream, and the least-squares trend in MiB per 100k tokens.
+    """RSS and anonymous+swap memory once the cache is full: first and last sample, the median
+    of each quarter of the stream, and the least-squares trend in MiB per 100k tokens.
 
     Single samples swing by a MiB or two (the allocator returns and takes pages); the quarter
     medians and the trend are what show growth.
@@ -69,7 +69,6 @@ def memory_figures(series, n_ctx: int) -> dict:
         quarters = np.array_split(values, 4) if len(values) >= 4 else [values]
         slope = np.polyfit(done, values, 1)[0] if len(values) >= 2 and np.ptp(done) > 0 else 0.0
         figures.update({f"{name}_after_fill_mb": float(values[0]), f"{name}_end_mb": float(values[-1]),
-                        f"{name}_max_mb": float(values.max()), f"{name}_min_after_fill_mb": float(values.min()),
                         f"{name}_quarter_medians_mb": [float(np.median(q)) for q in quarters],
                         f"{name}_trend_mb_per_100k": float(slope * 100_000)})
     return figures
