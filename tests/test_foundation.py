@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 import edgesink
 from edgesink.cli import main
 from edgesink.errors import ModelLoadError, ModelNotFoundError
-from edgesink.registry import verify_default_model
+from edgesink.registry import load_registry, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,6 +39,23 @@ def test_the_pin_is_in_one_place():
     assert pin["version"] == "0.3.36" and len(pin["sha256"]) == 64
     for path in [REPO / "CMakeLists.txt", REPO / "Makefile", REPO / "pyproject.toml"]:
         assert pin["sha256"] not in path.read_text()
+        assert pin["llama_cpp_commit"] not in path.read_text()
+
+
+def test_the_build_refuses_bindings_other_than_the_pin(tmp_path):
+    """pyproject.toml must repeat the pinned bindings exactly; upstream.py refuses anything else."""
+    copy = tmp_path / "native"
+    copy.mkdir()
+    for name in ("upstream.py", "upstream.json"):
+        (copy / name).write_bytes((REPO / "native" / name).read_bytes())
+    pyproject = (REPO / "pyproject.toml").read_text()
+    (tmp_path / "pyproject.toml").write_text(pyproject)
+    env = {**os.environ, "EDGESINK_CACHE_DIR": str(REPO / "native" / ".cache")}  # set-up fetched the sdist there
+    ok = subprocess.run([sys.executable, str(copy / "upstream.py"), "sdist"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and ok.stdout.strip().endswith("llama_cpp_python-0.3.36.tar.gz")
+    (tmp_path / "pyproject.toml").write_text(pyproject.replace("llama-cpp-python==0.3.36", "llama-cpp-python==0.3.20"))
+    refused = subprocess.run([sys.executable, str(copy / "upstream.py"), "sdist"], capture_output=True, text=True, env=env)
+    assert refused.returncode != 0 and "native/upstream.json pins llama-cpp-python==0.3.36" in refused.stderr
 
 
 def test_missing_default_model_says_how_to_fetch_it(tmp_path, monkeypatch):
@@ -48,19 +66,25 @@ def test_missing_default_model_says_how_to_fetch_it(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "edgesink pull smollm2-135m" in result.output
 
 
-def test_corrupt_default_model_is_detected(tmp_path, monkeypatch, model_path):
+@pytest.mark.parametrize("damage", ["truncated", "bit-flipped"])
+def test_corrupt_default_model_says_how_to_fetch_it(tmp_path, monkeypatch, model_path, damage):
     corrupt = tmp_path / model_path.name
-    with open(model_path, "rb") as src, open(corrupt, "wb") as dst:
-        dst.write(src.read(model_path.stat().st_size // 2))  # truncated half-way
+    data = bytearray(model_path.read_bytes())
+    if damage == "truncated":
+        del data[len(data) // 2:]
+    else:  # one byte inside the weights: the GGUF still parses and loads, only the sha256 tells
+        data[len(data) - 4096] ^= 0xFF
+    corrupt.write_bytes(data)
     monkeypatch.setenv("EDGESINK_MODELS_DIR", str(tmp_path))
-    with pytest.raises(ModelLoadError, match="corrupt.*edgesink pull"):
-        verify_default_model()
-    with pytest.raises(ModelLoadError):
-        edgesink.load(corrupt)
+    for spec in (None, "smollm2-135m"):
+        with pytest.raises(ModelLoadError, match="corrupt.*edgesink pull smollm2-135m"):
+            edgesink.load(spec)
+    result = CliRunner().invoke(main, ["generate", "-p", "Hello", "--max-tokens", "2"])
+    assert result.exit_code == 1 and "corrupt" in result.output and "edgesink pull smollm2-135m" in result.output
 
 
 def test_the_default_model_is_the_pinned_file(model_path):
-    assert verify_default_model() == model_path
+    assert sha256_file(model_path) == load_registry()["smollm2-135m"].sha256
 
 
 def test_a_session_really_generates(model):
