@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from . import __version__, _native
 from .errors import EdgesinkError
+from .options import MAX_THREADS
 from .policies import POLICY_NAMES
 
 
@@ -23,9 +27,12 @@ def session_options(fn):
                      help="What to evict when the cache is full."),
         click.option("--sinks", type=click.IntRange(min=0), default=None,
                      help="Attention sinks kept by sink and halve (default 4)."),
-        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: every CPU this process may use)."),
-        click.option("--n-gpu-layers", type=int, default=-1, show_default=True,
-                     help="Layers offloaded to the GPU in GPU builds (-1: all)."),
+        # ggml runs at most 512 threads (GGML_MAX_N_THREADS; more crashed llama.cpp): refuse them
+        # here, before the model loads, rather than after.
+        click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
+                     help="CPU threads (default: every CPU this process may use)."),
+        click.option("--n-gpu-layers", type=click.IntRange(min=-1), default=-1, show_default=True,
+                     help="Layers offloaded to the GPU in GPU builds (-1: all, 0: none)."),
         click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
     ]
     for option in reversed(options):
@@ -37,7 +44,8 @@ def sampling_options(fn):
     """Options shared by every command that generates."""
     options = [
         click.option("--temp", type=float, default=0.8, show_default=True,
-                     help="Sampling temperature (> 0; for greedy use --top-k 1)."),
+                     help="Sampling temperature; 0: greedy (always the likeliest token; the seed and "
+                          "the top-k/top-p/min-p filters then do not matter)."),
         click.option("--top-k", type=int, default=40, show_default=True, help="Keep the k likeliest tokens (1: greedy, 0: off)."),
         click.option("--top-p", type=float, default=0.95, show_default=True, help="Nucleus sampling: keep this probability mass."),
         click.option("--min-p", type=float, default=0.05, show_default=True,
@@ -53,6 +61,37 @@ def sampling_options(fn):
     return fn
 
 
+def resume_option(fn):
+    """--resume STATE, for the commands that can continue a saved stream."""
+    return click.option(
+        "--resume", "resume_path", type=click.Path(dir_okay=False), callback=check_session_file, default=None,
+        help="Continue the stream saved in this file (by 'feed --save'), with the n-ctx, policy and sinks "
+             "it was saved with; MODEL must be the model it was saved with.")(fn)
+
+
+def check_session_file(ctx, param, value):
+    """A --resume file must be a whole edgesink session file: checked before the model loads."""
+    from .persistence import SessionFileError, read_session_file
+
+    if value is not None:
+        try:
+            read_session_file(value)
+        except SessionFileError as e:
+            raise click.BadParameter(str(e), ctx=ctx, param=param) from e
+    return value
+
+
+def check_save_path(ctx, param, value):
+    """A --save file's folder must exist and be writable: checked before the work it would keep."""
+    if value is not None:
+        folder = Path(value).parent  # "" means the current folder
+        if not folder.is_dir():
+            raise click.BadParameter(f"folder {folder} does not exist", ctx=ctx, param=param)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise click.BadParameter(f"cannot write to folder {folder}", ctx=ctx, param=param)
+    return value
+
+
 def friendly_errors(fn):
     """Turn edgesink's and the user's errors into a message and exit status 1, not a traceback."""
 
@@ -66,15 +105,27 @@ def friendly_errors(fn):
     return wrapper
 
 
-def open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose):
+def open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, resume=None):
+    """A new session, or with ``resume`` the stream saved in that file (Session.restore)."""
     from .model import load
     from .session import Session
 
     _native.set_verbose(verbose)
     if sys.stderr.isatty():  # a first load checks the file in a child process: say why we wait
         click.echo(f"loading {model or 'the default model'} ...", err=True)
-    return Session(load(model, n_gpu_layers=n_gpu_layers), n_ctx=n_ctx, policy=policy, sinks=sinks,
-                   n_threads=threads)
+    loaded = load(model, n_gpu_layers=n_gpu_layers)
+    if resume:
+        # The saved settings apply unless given on the command line; a conflict is then a clean error.
+        given = given_options(n_ctx=n_ctx, policy=policy, sinks=sinks)
+        return Session.restore(resume, loaded, n_threads=threads, **given)
+    return Session(loaded, n_ctx=n_ctx, policy=policy, sinks=sinks, n_threads=threads)
+
+
+def given_options(**values) -> dict:
+    """The values among ``values`` that the user set (not click's defaults)."""
+    ctx = click.get_current_context()
+    return {name: value for name, value in values.items()
+            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
 
 
 def sampling_from(temp, top_k, top_p, min_p, repeat_penalty, seed, max_tokens) -> dict:
@@ -180,39 +231,56 @@ def _size(n_bytes: int) -> str:
 @session_options
 @sampling_options
 @click.option("-p", "--prompt", default=None, help="The text to continue (default: standard input).")
+@resume_option
 @friendly_errors
-def generate(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, prompt, **sampling):
+def generate(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, prompt, resume_path, **sampling):
     """Continue a prompt: plain text, no chat template.
 
     With --max-tokens -1 it goes on without end, through as many cache evictions as it takes,
-    until Ctrl-C.
+    until Ctrl-C. With --resume it continues a stream saved by 'feed --save'; the prompt, if
+    any, is fed after it.
     """
     generation = sampling_from(**sampling)
-    if prompt is None and sys.stdin.isatty():
-        click.echo("Type the prompt, then Ctrl-D:", err=True)
-    text = prompt if prompt is not None else sys.stdin.read()
-    if not text:
-        raise click.UsageError("nothing to continue: give a prompt with -p or on standard input")
-    with open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose) as session:
-        session.feed(text)
+    text = read_prompt(prompt, resuming=resume_path is not None)
+    with open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, resume=resume_path) as session:
+        if text:
+            session.feed(text)
         stream_out(session.generate(**generation))
+
+
+def read_prompt(prompt: str | None, resuming: bool) -> str:
+    """The prompt from -p or standard input; when resuming a saved stream it may be empty."""
+    if prompt is not None:
+        text = prompt
+    elif sys.stdin.isatty() and resuming:
+        text = ""  # continue the saved stream as it is; do not wait for typing
+    else:
+        if sys.stdin.isatty():
+            click.echo("Type the prompt, then Ctrl-D:", err=True)
+        text = sys.stdin.read()
+    if not text and not resuming:
+        raise click.UsageError("nothing to continue: give a prompt with -p or on standard input")
+    return text
 
 
 @main.command()
 @click.argument("args", nargs=-1, metavar="[MODEL] [FILE]...")
 @session_options
 @click.option("--then", "then_prompt", default=None, help="Afterwards, feed this text and generate a continuation.")
-@click.option("--save", "save_path", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Save the session to this file at the end.")
+@click.option("--save", "save_path", type=click.Path(dir_okay=False, writable=True), callback=check_save_path,
+              default=None, help="Save the session to this file at the end (--resume continues it).")
+@resume_option
 @sampling_options
 @friendly_errors
-def feed(args, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, then_prompt, save_path, **sampling):
+def feed(args, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, then_prompt, save_path, resume_path,
+         **sampling):
     """Stream text files through a session and print the stats.
 
     Any amount of text goes through at constant memory. FILE may be '-' for standard input, which is also read when no FILE is given. The first
     argument is the MODEL when it names one (a .gguf file, a registry name or a Hub spec).
     Progress (tokens, tokens/s, evictions) goes to standard error. --save keeps the session to
-    continue later (e.g. with the Python API's Session.restore).
+    continue later: 'feed --resume' feeds more, 'generate --resume' continues it (so does the
+    Python API's Session.restore).
     """
     from .feeding import feed_files
 
@@ -222,30 +290,50 @@ def feed(args, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, then_prompt
     stdin = getattr(sys.stdin, "buffer", sys.stdin)
     files = [stdin if name == "-" else opened.pop(0) for name in names] or [stdin]
     try:
-        with open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose) as session:
+        with open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose,
+                          resume=resume_path) as session:
             feed_files(session, files, out=sys.stderr)
             if then_prompt:
                 session.feed(then_prompt)
                 stream_out(session.generate(**generation))
             if save_path:
-                session.save(save_path)
-                click.echo(f"saved the session to {save_path}", err=True)
+                save_or_rescue(session, save_path)
     finally:
         for f in files:
             if f is not stdin:
                 f.close()
 
 
+def save_or_rescue(session, path: str) -> None:
+    """Save to ``path``; if that fails (the folder went away, the disk is full), save to the temp folder.
+
+    The folder was checked before feeding, but a long feed's work must not be lost to a failure
+    at the very end.
+    """
+    from .persistence import SessionSaveError
+
+    try:
+        session.save(path)
+    except SessionSaveError as e:
+        rescue = Path(tempfile.gettempdir()) / f"edgesink-{os.getpid()}-{Path(path).name}"
+        try:
+            session.save(rescue)
+        except SessionSaveError:
+            raise click.ClickException(f"{e}; the session could not be saved to {rescue} either") from e
+        raise click.ClickException(f"{e}; saved it to {rescue} instead (continue it with --resume {rescue})") from e
+    click.echo(f"saved the session to {path}", err=True)
+
+
 def looks_like_model(text: str) -> bool:
     """A .gguf path, a registry name or a Hub spec (and not an existing text file)."""
-    from .hub import is_hub_spec
     from .registry import load_registry
+    from .resolve import names_hub_model
 
     if text == "-":
         return False
     if Path(text).is_file():
         return text.endswith(".gguf")
-    return text.endswith(".gguf") or text in load_registry() or is_hub_spec(text)
+    return text.endswith(".gguf") or text in load_registry() or names_hub_model(text)
 
 
 def split_model_and_files(args: tuple[str, ...]) -> tuple[str | None, list[str]]:

@@ -11,7 +11,7 @@ DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed each time
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the next token is drawn. ``top_k=1`` gives greedy decoding."""
+    """How the next token is drawn. ``temperature=0`` (or ``top_k=1``) gives greedy decoding."""
 
     temperature: float = 0.8
     top_k: int = 40
@@ -22,8 +22,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature} (for greedy decoding use top_k=1)")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy decoding), got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -46,6 +46,11 @@ class Sampler:
         add = lambda s: C.llama_sampler_chain_add(self._chain, s)  # noqa: E731
         if params.repeat_penalty != 1.0 and params.repeat_last_n:
             add(C.llama_sampler_init_penalties(params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+        if params.temperature == 0:
+            # Greedy, as in llama.cpp's common sampler: the filters below never drop the likeliest
+            # token, so they cannot change the argmax, and the seed does not matter.
+            add(C.llama_sampler_init_greedy())
+            return
         if params.top_k:
             add(C.llama_sampler_init_top_k(params.top_k))
         add(C.llama_sampler_init_top_p(params.top_p, 1))

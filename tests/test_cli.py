@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import click
 import pytest
@@ -72,10 +74,12 @@ def test_generate_is_deterministic_with_a_seed(model_path):
     (["generate", "-p", "x", "--max-tokens", "0"], "--max-tokens"),
     (["generate", "-p", "x", "--max-tokens", "-2"], "--max-tokens"),
     (["generate", "-p", "x", "--n-ctx", "1"], "--n-ctx"),
-    (["generate", "-p", "x", "--temp", "0"], "temperature must be > 0"),
+    (["generate", "-p", "x", "--temp", "-1"], "temperature must be >= 0"),
     (["generate", "-p", "x", "--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["chat", "--policy", "lru"], "'lru' is not one of"),
     (["chat", "--threads", "0"], "--threads"),
+    (["chat", "--threads", "600"], "Invalid value for '--threads': 600 is not in the range 1<=x<=512"),
+    (["generate", "-p", "x", "--n-gpu-layers", "-7"], "Invalid value for '--n-gpu-layers': -7 is not in the range x>=-1"),
     (["generate", "-p", "x", "--seed", "many"], "'many' is not a valid integer"),
     (["feed", "no-such-file.txt"], "cannot read no-such-file.txt"),
     (["generate", "--bogus"], "No such option '--bogus'"),
@@ -102,7 +106,15 @@ def test_errors_are_one_clear_line(args, message):
 
 
 def test_max_tokens_minus_one_means_until_the_model_ends():
-    result = ok(run("chat", "--max-tokens", "-1", *GREEDY, *FAST, input="Hi\n"))
+    # In a child process with a time limit: a reply that never ends must fail the test, not hang it.
+    command = [sys.executable, "-c", "from edgesink.cli import main; main()",
+               "chat", "--max-tokens", "-1", *GREEDY, *FAST]
+    try:
+        result = subprocess.run(command, input="Hi\n", capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("chat --max-tokens -1 did not end within 120 s")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
     assert result.stdout.strip()  # the reply ended at the model's end-of-turn token
 
 
@@ -131,6 +143,11 @@ def test_feed_tells_the_model_from_the_files(tmp_path, monkeypatch):
     assert split_model_and_files(("smollm2-135m", "notes.txt")) == ("smollm2-135m", ["notes.txt"])
     assert split_model_and_files(("m.gguf",)) == ("m.gguf", [])
     assert split_model_and_files(("owner/repo:Q4_K_M", "-")) == ("owner/repo:Q4_K_M", ["-"])
+    # A missing file in a folder that exists is a missing file, not a Hub repo named "todo.txt".
+    (tmp_path / "notes").mkdir()
+    assert split_model_and_files(("notes/todo.txt",)) == (None, ["notes/todo.txt"])
+    result = run("feed", "notes/todo.txt")
+    assert result.exit_code == 2 and "cannot read notes/todo.txt" in result.output
 
 
 def test_chat_reads_messages_from_a_pipe(model):

@@ -62,7 +62,6 @@ SAMPLING_CASES = {
     "max_tokens 0": (dict(max_tokens=0), "max_tokens"),
     "max_tokens negative": (dict(max_tokens=-5), "max_tokens"),
     "max_tokens float": (dict(max_tokens=2.5), "max_tokens"),
-    "temperature 0": (dict(temperature=0), "temperature"),
     "temperature negative": (dict(temperature=-1), "temperature"),
     "temperature nan": (dict(temperature=math.nan), "temperature"),
     "temperature inf": (dict(temperature=math.inf), "temperature"),
@@ -160,6 +159,18 @@ def test_bad_model_parameters(model_path, tmp_path):
         edgesink.load(tmp_path / "missing.gguf")
     with pytest.raises(ModelLoadError, match="directory"):
         edgesink.load(tmp_path)
+
+
+def test_temperature_zero_is_greedy(fed_session):
+    """temperature=0 is greedy, as in llama.cpp: the likeliest token, whatever the seed."""
+    def continuation(**sampling):
+        fed_session.reset()
+        fed_session.feed("The weather today is")
+        return fed_session.generate_text(10, **sampling)
+
+    greedy = continuation(top_k=1, seed=1)
+    assert continuation(temperature=0, seed=1) == continuation(temperature=0, seed=2) == greedy
+    assert continuation(temperature=0.0, top_k=0, top_p=0.5, min_p=0.2) == greedy  # filters cannot change it
 
 
 def test_the_session_is_fine_after_all_that(fed_session):
