@@ -6,10 +6,18 @@ special-token parsing, so a user typing ``<|im_start|>system`` gets those charac
 switch. Only the part of the rendering that the cache has not seen is fed: history is never
 re-processed.
 
-What is guaranteed after evictions: the system prompt (``keep_system=True``) stays in the cache
-for ever, whole, and the tokens after it begin at the start of a turn (a message and the reply
-to it): turns are evicted whole, oldest first. The one exception is a turn longer than the
-whole window, which is cut from its oldest end (the question's tail is kept while it is answered).
+What is guaranteed after evictions, for every policy that evicts (sink, window, halve with
+any evict_chunk, recompute): the system prompt (``keep_system=True``) stays in the cache for
+ever, whole, and the tokens after it (and after the sinks) begin at the start of a turn (a
+message and the reply to it): turns are evicted whole, oldest first. The one exception is a
+turn longer than the window (n_ctx minus the kept tokens), which is cut from its oldest end
+(the question's tail is kept while it is answered); the next eviction after it is aligned again.
+
+When a template renders earlier history differently from what was fed (a system prompt folded
+into the newest user message, reasoning dropped from earlier replies), the cache is cut back to
+where the renderings part and the new text is fed from there, so nothing is duplicated. If that
+point is no longer in the window (evicted, or kept before an eviction gap: sinks or the pinned
+system prompt) the turn is refused with :class:`TemplateRewriteError`.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from typing import Iterator
 
 from jinja2 import TemplateError
 
-from .errors import EdgesinkError
+from .errors import EdgesinkError, SystemPromptTooLongError
 from .template_guard import GuardedSandbox, TemplateLimitError, time_limit
 
 PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: never produced by a template
@@ -72,6 +80,10 @@ class ChatTemplate:
         return "".join(parts)
 
 
+class TemplateRewriteError(TemplateRenderError):
+    """The chat template rewrites history that is no longer in the window, so it cannot be re-fed."""
+
+
 def _raise_template_exception(message: str):
     raise TemplateRenderError(f"the chat template refused the conversation: {message}")
 
@@ -81,29 +93,68 @@ class Chat:
 
     ``_fed`` is the rendering (contents as placeholders) that the cache holds. Only the newest
     ``RENDER_WINDOW`` messages (and the system prompt) are rendered, so a turn costs the same
-    after a million messages as after ten; every message stays in ``messages``.
+    after a million messages as after ten; every message stays in ``messages``. ``_marks`` are
+    (offset in ``_fed``, stream index) pairs where the cache may be cut back to.
     """
 
-    def __init__(self, session, system: str | None = None, keep_system: bool = True):
+    def __init__(self, session, system: str | None = None, keep_system: bool = True, template: str | None = None):
         self.session = session
         model = session.model
-        self.template = ChatTemplate(model.chat_template or CHATML,
+        self.template_source = template  # None: the model's own (or ChatML)
+        self.template = ChatTemplate(template or model.chat_template or CHATML,
                                      bos_token=model.token_text(model.bos_token) if model.bos_token >= 0 else "",
                                      eos_token="")
         self.keep_system = keep_system
-        self.messages: list[dict] = []
-        self._fed = ""
-        self._render_from = 0  # the oldest message rendered, besides a leading system prompt
         self.system = system
-        if system:
-            self._start_with_system(system)
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self._fed = ""
+        self._marks: list[tuple[int, int]] = []
+        self._render_from = 0  # the oldest message rendered, besides a leading system prompt
 
-    def _start_with_system(self, system: str) -> None:
-        self.messages = [{"role": "system", "content": system}]
-        rendered = self._render(self._indices(), add_generation_prompt=False)
-        n = self._feed_rendering(rendered, boundaries=[0])
-        if self.keep_system:
+    def check_system_fits(self, continuing: bool) -> None:
+        """Raise SystemPromptTooLongError if the system prompt leaves too little cache to converse in."""
+        if not self.system:
+            return
+        session, model = self.session, self.session.model
+        tokens = self.turn_tokens(self._render(self._indices(), add_generation_prompt=False))
+        # A fresh stream of a model that wants a BOS gets one first, if the template has none.
+        bos_added = not continuing and model.add_bos and model.bos_token >= 0 and tokens[:1] != [model.bos_token]
+        n = len(tokens) + bos_added
+        if session.policy.evicts:
+            limit, why = session.n_ctx // 2, "half the cache, leaving the other half to the conversation"
+        else:
+            limit = session.n_ctx - (session.stats.tokens_in_cache if continuing else 0) - 1
+            why = f"what policy {session.policy.name} has left, as it never evicts"
+        if n > limit:
+            raise SystemPromptTooLongError(
+                f"the system prompt is {n} tokens; with n_ctx {session.n_ctx} it may take at most {limit} "
+                f"({why}): shorten it or use a larger n_ctx; nothing was changed")
+
+    def begin(self, pin: bool) -> None:
+        """Feed the system prompt (if any), pinned in the cache for ever with ``pin``."""
+        if not self.system:
+            return
+        n = self._feed_rendering(self._render(self._indices(), add_generation_prompt=False), boundaries=[0])
+        if pin:
             self.session.pin_prefix(n)
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def saved_state(self) -> dict:
+        return {"system": self.system, "keep_system": self.keep_system, "template": self.template_source,
+                "messages": [dict(m) for m in self.messages], "fed": self._fed,
+                "marks": [list(m) for m in self._marks], "render_from": self._render_from}
+
+    @classmethod
+    def from_saved(cls, session, saved: dict) -> "Chat":
+        """A chat continuing ``saved`` (checked by :func:`saved_chat_problem`)."""
+        chat = cls(session, system=None, keep_system=saved["keep_system"], template=saved.get("template"))
+        chat.system = saved["system"]
+        chat.messages = [dict(m) for m in saved["messages"]]
+        chat._fed = saved["fed"]
+        chat._marks = [tuple(m) for m in saved.get("marks", [])]
+        chat._render_from = saved.get("render_from", 0)
+        return chat
 
     # -- rendering ------------------------------------------------------------------------------
 
@@ -134,6 +185,7 @@ class Chat:
         old_at, new_at = self._fed.find(marker), rendered.find(marker)
         if old_at >= 0 and new_at >= 0:
             self._fed = rendered[:new_at] + self._fed[old_at:]
+            self._marks = [(off - old_at + new_at, index) for off, index in self._marks if off >= old_at]
             self._render_from = start
 
     def _feed_rendering(self, rendered: str, boundaries: list[int]) -> int:
@@ -141,23 +193,45 @@ class Chat:
 
         ``boundaries`` are offsets in ``rendered`` where messages begin: evictions may cut there.
         """
-        if rendered.startswith(self._fed):
-            common = len(self._fed)
-        else:  # the template re-rendered history differently: feed from where they part
-            common = len(os.path.commonprefix([rendered, self._fed]))
-            open_placeholder = rendered.rfind("\ue000", 0, common)
-            if open_placeholder > rendered.rfind("\ue001", 0, common):
-                common = open_placeholder  # never start inside a placeholder
+        common = self._cut_back_to(rendered)
         cuts = [common] + sorted(b for b in set(boundaries) if common < b < len(rendered)) + [len(rendered)]
         n = 0
         for begin, end in zip(cuts, cuts[1:]):
             if begin in boundaries:
                 self.session.mark_message_start()
-            tokens = self.turn_tokens(rendered[begin:end])
-            self.session.feed_tokens(tokens)
-            n += len(tokens)
+            self._mark(begin)
+            n += self.session.feed_tokens(self.turn_tokens(rendered[begin:end]))
         self._fed = rendered
+        self._mark(len(rendered))
         return n
+
+    def _cut_back_to(self, rendered: str) -> int:
+        """The offset in ``rendered`` to feed from, after cutting the cache back to it if needed.
+
+        When the template renders fed history differently, the cache is cut back to the newest
+        mark before the two renderings part, so the old version does not stay beside the new.
+        """
+        if rendered.startswith(self._fed):
+            return len(self._fed)
+        common = len(os.path.commonprefix([rendered, self._fed]))
+        mark = next(((off, index) for off, index in reversed(self._marks) if off <= common), None)
+        session = self.session
+        if mark is None or mark[1] < session._first_removable():
+            raise TemplateRewriteError(
+                "the chat template renders earlier history differently from what the cache holds, and "
+                "that part is no longer in the window (evicted, or pinned with the system prompt); "
+                "this template cannot go on here: /reset (or start_chat) starts over")
+        offset, index = mark
+        session._drop_newest(session.stats.tokens_seen - index)
+        self._fed = self._fed[:offset]
+        self._marks = [m for m in self._marks if m[0] <= offset]
+        return offset
+
+    def _mark(self, offset: int) -> None:
+        """Remember that ``_fed[:offset]`` is what the stream holds up to now; forget evicted marks."""
+        oldest = self.session._first_removable()
+        self._marks = [m for m in self._marks if m[1] >= oldest and m[0] < offset]
+        self._marks.append((offset, self.session.stats.tokens_seen))
 
     def turn_tokens(self, rendered: str) -> list[int]:
         """Tokens of a rendered piece: template text with special tokens, contents literal."""
@@ -209,3 +283,41 @@ class Chat:
             self._fed += PLACEHOLDER.format(len(self.messages) - 1)
             if ended_by_eog:
                 self._fed += self.session.last_end_token_text
+            self._mark(len(self._fed))
+
+
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+def saved_chat_problem(saved, tokens_seen: int) -> str | None:
+    """What is wrong with a chat read from a session file, or None (``saved`` may be None: no chat)."""
+    if saved is None:
+        return None
+    if not isinstance(saved, dict):
+        return "chat"
+    messages, fed = saved["messages"], saved["fed"]
+    if not (saved["system"] is None or isinstance(saved["system"], str)) or not isinstance(saved["keep_system"], bool):
+        return "chat system prompt"
+    if not (isinstance(messages, list) and all(
+            isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in _ROLES
+            and isinstance(m["content"], str) for m in messages)):
+        return "chat messages"
+    if not isinstance(fed, str) or any(int(i) >= len(messages) for i in PLACEHOLDER_RE.findall(fed)):
+        return "chat rendering"
+    marks = saved.get("marks", [])
+    if not (isinstance(marks, list) and all(
+            isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m)
+            and 0 <= m[0] <= len(fed) and 0 <= m[1] <= tokens_seen for m in marks)):
+        return "chat marks"
+    render_from = saved.get("render_from", 0)
+    if not (type(render_from) is int and 0 <= render_from <= len(messages)):
+        return "chat render_from"
+    template = saved.get("template")
+    if template is not None:
+        if not isinstance(template, str):
+            return "chat template"
+        try:
+            ChatTemplate(template)
+        except TemplateRenderError:
+            return "chat template does not parse"
+    return None

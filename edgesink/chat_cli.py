@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .errors import EdgesinkError
+from .errors import EdgesinkError, SystemPromptTooLongError
 
 PROMPT = ">>> "
 HISTORY_FILE = Path("~/.cache/edgesink/chat_history")
@@ -15,8 +15,8 @@ HELP = """commands:
   /reset        forget the conversation (the system prompt stays)
   /stats        tokens seen, in cache, evictions, speed
   /save FILE    save the session (cache and conversation)
-  /load FILE    load a session saved with /save
-  /system TEXT  start over with a new system prompt
+  /load FILE    load a session saved with /save (a stream saved by feed: chat after it)
+  /system TEXT  start over with a new system prompt (one too long is refused, changing nothing)
   /help         this help
   /exit         quit (or Ctrl-D)
 Ctrl-C stops a reply and keeps the session."""
@@ -92,13 +92,29 @@ def run_command(session, line: str) -> str | None:
                 session.save(path)
                 click.echo(f"[saved to {path}]")
             else:
-                session.load(path)
-                click.echo(f"[loaded {path}: {len(session.messages)} messages]")
+                load(session, path)
         else:
             click.echo(f"unknown command {name}; /help lists them")
     except (EdgesinkError, ValueError, OSError, click.UsageError) as e:
         click.echo(f"error: {e}")
     return None
+
+
+def load(session, path: Path) -> None:
+    """Load a saved session; a plain stream (saved by ``feed``) becomes the start of a chat."""
+    system = session.system_prompt
+    session.load(path)
+    if session.in_chat:
+        click.echo(f"[loaded {path}: {len(session.messages)} messages]")
+        return
+    # Chatting about a fed document is the point of loading one: keep it, the chat goes on after it.
+    n = session.stats.tokens_in_cache
+    try:
+        session.start_chat(system, continue_stream=True)
+        note = "; the system prompt follows it once (not kept for ever)" if system else ""
+    except SystemPromptTooLongError as e:
+        note = f"; without the system prompt ({e})"
+    click.echo(f"[loaded {path}: a stream of {n} cached tokens, not a chat; the conversation continues after it{note}]")
 
 
 def format_stats(stats) -> str:

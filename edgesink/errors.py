@@ -23,3 +23,7 @@ class ContextFullError(EdgesinkError):
 
 class DecodeError(EdgesinkError):
     """llama.cpp could not decode a batch (out of cache cells or memory)."""
+
+
+class SystemPromptTooLongError(EdgesinkError, ValueError):
+    """A chat's system prompt takes more of the cache than a conversation can spare."""

@@ -147,6 +147,7 @@ class StreamCache:
         return (C.llama_memory_seq_pos_min(self.mem, STREAM_SEQ), C.llama_memory_seq_pos_max(self.mem, STREAM_SEQ))
 
     def clear(self) -> None:
+        """Empty the cache and start the counters afresh (a new stream)."""
         with deferred_interrupt():
             C.llama_memory_clear(self.mem, True)
             self.kept.clear()
@@ -154,6 +155,7 @@ class StreamCache:
             self.w0 = 0
             self._shifts_since_refresh = 0
             self.has_logits = False
+            self.counters = CacheCounters()
 
     # -- decoding -----------------------------------------------------------------------------
 
@@ -223,6 +225,23 @@ class StreamCache:
                 self.kept.append(token)
                 self.w0 += 1
             self.has_logits = True
+
+    def drop_newest(self, n: int) -> None:
+        """Remove the ``n`` newest cached tokens (a chat template rewrote them), window first.
+
+        Kept tokens sit just before the window, so the newest ``n`` are always consecutive.
+        """
+        if not 0 <= n <= self.n_cached:
+            raise ValueError(f"cannot remove the {n} newest tokens from a cache of {self.n_cached}")
+        with deferred_interrupt():
+            C.llama_memory_seq_rm(self.mem, STREAM_SEQ, self.next_pos - n, -1)
+            from_window = min(n, len(self.window))
+            for _ in range(from_window):
+                self.window.pop()
+            for _ in range(n - from_window):
+                self.kept.pop()
+                self.w0 -= 1
+            self.has_logits = False
 
     # -- eviction -----------------------------------------------------------------------------
 
@@ -302,17 +321,21 @@ class StreamCache:
         self.counters.evicted += n
         self.has_logits = False
 
-    def push_uncomputed(self, token: int) -> None:
-        """Record a token whose KV is not computed yet (recompute policy)."""
-        self.window.append(token)
+    def push_uncomputed(self, token: int, n_keep_target: int) -> None:
+        """Record a token whose KV is not computed yet (recompute policy); kept first, as :meth:`append`."""
+        if len(self.kept) < n_keep_target and not self.window:
+            self.kept.append(token)
+            self.w0 += 1
+        else:
+            self.window.append(token)
         self.has_logits = False
 
     def rebuild(self) -> None:
-        """Re-encode the whole window from position 0, with logits for the newest token."""
+        """Re-encode the kept tokens and the window from position 0, with logits for the newest token."""
         with deferred_interrupt():
             C.llama_memory_clear(self.mem, True)
-            tokens = list(self.window)
-            self.w0 = 0
+            tokens = self.kept + list(self.window)
+            self.w0 = len(self.kept)
             for start in range(0, len(tokens), self.n_batch):
                 chunk = tokens[start:start + self.n_batch]
                 want = np.zeros(len(chunk), dtype=np.int8)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ._native import C
 from .errors import UnsupportedModelError
-from .kvcache import StreamCache, deferred_interrupt
+from .kvcache import CacheCounters, StreamCache, deferred_interrupt
 from .model import Model, load
 from .options import (cache_type, check_n_ctx, check_session_options, default_threads, kept_forward_mode, not_int,
                       sampling_params, stop_strings)
@@ -162,41 +162,68 @@ class Session:
         self.close()
 
     def reset(self) -> None:
-        """Forget the whole stream; settings stay."""
+        """Forget the whole stream, its counters and rates; settings stay (and a chat's system prompt)."""
         self._cache.clear()
         self._utf8_in = Utf8Stream()
         self._last_logits = None
         self._tokens_seen = 0
+        self._feed_time = [0, 0.0]
+        self._gen_time = [0, 0.0]
         self._n_keep_target = self.policy.sinks
         self._message_starts.clear()
+        self.last_end_token_text = ""
         if self._chat is not None:
-            system, keep = self._chat.system, self._chat.keep_system
+            chat = self._chat
             self._chat = None
-            self.start_chat(system, keep_system=keep)
+            self.start_chat(chat.system, keep_system=chat.keep_system, template=chat.template_source)
 
     # -- chat ----------------------------------------------------------------------------------
 
-    def start_chat(self, system: str | None = None, *, keep_system: bool = True) -> None:
-        """Begin a conversation (resetting the stream if it is not empty).
+    def start_chat(self, system: str | None = None, *, keep_system: bool = True, template: str | None = None,
+                   continue_stream: bool = False) -> None:
+        """Begin a conversation.
 
-        With ``keep_system`` the whole system prompt is kept in the cache like the sinks.
+        By default the stream is reset first; with ``keep_system`` the whole system prompt is then
+        kept in the cache for ever, like the sinks. ``continue_stream=True`` keeps what the stream
+        holds (a document fed or loaded) and starts the conversation after it; a system prompt is
+        then fed once and leaves the cache like any message. ``template``: a Jinja chat template
+        to use instead of the model's own.
+
+        Raises :class:`SystemPromptTooLongError` when the system prompt takes more than half the
+        cache (all of it for ``dense``); nothing is changed then.
         """
         from .chat import Chat
 
-        if self._cache.n_cached:
+        continuing = continue_stream and self._cache.n_cached > 0
+        chat = Chat(self, system=system, keep_system=keep_system, template=template)
+        chat.check_system_fits(continuing)  # before the old conversation is touched
+        if self._cache.n_cached and not continuing:
             self._chat = None
             self.reset()
-        self._chat = Chat(self, system=system, keep_system=keep_system)
+        self._chat = chat
+        chat.begin(pin=keep_system and not continuing)
 
     def chat(self, message: str, role: str = "user", **generation) -> Iterator[str]:
-        """Send a message and stream the reply (text pieces); starts a conversation if needed.
+        """Send a message and stream the reply (text pieces).
 
-        Generation settings as :meth:`stream_generate`; ``max_tokens`` defaults to 512.
+        Outside a conversation, one starts after whatever the stream holds (see
+        :meth:`start_chat` with ``continue_stream``). Generation settings as
+        :meth:`stream_generate`; ``max_tokens`` defaults to 512.
         """
         if self._chat is None:
-            self.start_chat()
+            self.start_chat(continue_stream=True)
         generation.setdefault("max_tokens", 512)
         return self._chat.send(message, role=role, **generation)
+
+    @property
+    def in_chat(self) -> bool:
+        """Whether the stream is a conversation (:meth:`start_chat`, :meth:`chat`, or a loaded chat)."""
+        return self._chat is not None
+
+    @property
+    def system_prompt(self) -> str | None:
+        """The conversation's system prompt (None outside chat or without one)."""
+        return self._chat.system if self._chat else None
 
     @property
     def messages(self) -> list[dict]:
@@ -204,10 +231,13 @@ class Session:
         return [dict(m) for m in self._chat.messages] if self._chat else []
 
     def pin_prefix(self, n_tokens: int) -> None:
-        """Keep the first ``n_tokens`` of the stream for ever, like sinks (at least the policy's sinks)."""
+        """Keep the first ``n_tokens`` of the stream for ever, like sinks (at least the policy's sinks).
+
+        ``recompute`` then re-encodes them before the window each time.
+        """
         if self._cache.counters.evicted:
             raise ValueError("pin_prefix must be called before anything was evicted from the stream")
-        if not self.policy.evicts or self.policy.recomputes:
+        if not self.policy.evicts:
             return
         target = max(self.policy.sinks, n_tokens)
         if target + self.batch_size > self.n_ctx:
@@ -219,14 +249,43 @@ class Session:
         """Record that the next token begins a message: evictions cut the window there."""
         self._message_starts.append(self._tokens_seen)
 
-    def _align_to_message(self, n: int) -> int:
-        """Evict up to the start of a message rather than in the middle of one, when that fits."""
+    def _align_to_message(self, n: int, needed: int) -> int:
+        """Where to cut the window so that it starts at a message: how many tokens to evict.
+
+        ``n`` is what the policy asks, ``needed`` the least that makes room. The cut moves
+        forward to the first message start at or after ``n``; failing that, back to the last one
+        at or after ``needed``; failing both (the newest message alone outgrows the window) it
+        stays at ``n``, inside that message.
+        """
         window_start = self._tokens_seen - self._cache.n_window
-        while self._message_starts and self._message_starts[0] < window_start + n:
-            self._message_starts.popleft()
-        if self._message_starts and self._message_starts[0] - window_start <= self._cache.n_window:
-            return self._message_starts[0] - window_start
-        return n
+        offsets = [start - window_start for start in self._message_starts]
+        cut = next((o for o in offsets if n <= o <= self._cache.n_window), None)
+        if cut is None:
+            cut = max((o for o in offsets if needed <= o < n), default=n)
+        while self._message_starts and self._message_starts[0] < window_start + cut:
+            self._message_starts.popleft()  # evicted: no longer a place to cut
+        return cut
+
+    def _first_removable(self) -> int:
+        """The oldest stream index :meth:`_drop_newest` may cut back to.
+
+        Until something is evicted the cache holds the whole stream; after that, the window only
+        (the kept tokens then stand before a gap and cannot be replaced).
+        """
+        if self._cache.counters.evicted == 0:
+            return 0
+        return self._tokens_seen - self._cache.n_window
+
+    def _drop_newest(self, n: int) -> None:
+        """Take the ``n`` newest tokens out of the stream (a chat template rewrote them).
+
+        They must all be at or after :meth:`_first_removable`.
+        """
+        self._cache.drop_newest(n)
+        self._tokens_seen -= n
+        while self._message_starts and self._message_starts[-1] > self._tokens_seen:
+            self._message_starts.pop()
+        self._last_logits = None
 
     # -- feeding -------------------------------------------------------------------------------
 
@@ -243,8 +302,9 @@ class Session:
         return n
 
     def feed_tokens(self, tokens: Iterable[int]) -> int:
-        """Push token ids into the stream; returns how many."""
+        """Push token ids into the stream; returns how many (with a BOS the model wants at the start)."""
         tokens = self._checked_tokens(tokens)
+        tokens = self._bos_prefix(tokens) + tokens
         start = time.perf_counter()
         self._ingest(tokens, want=None)
         self._count(self._feed_time, len(tokens), start)
@@ -271,9 +331,19 @@ class Session:
         scored = np.ones(len(tokens), dtype=bool) if positions is None else _mask(positions, len(tokens))
         nll = np.full(len(tokens), np.nan)
         start = time.perf_counter()
+        bos = self._bos_prefix(tokens)
+        if bos:  # fed first and not scored: the text's first token is then predicted from it
+            self._ingest(bos, want=None)
         self._ingest(tokens, want=scored, nll=nll)
         self._count(self._feed_time, len(tokens), start)
         return nll
+
+    def _bos_prefix(self, tokens: list[int]) -> list[int]:
+        """``[BOS]`` when these tokens begin the stream and the model wants a BOS first (and they lack it)."""
+        bos = self.model.bos_token
+        if self._tokens_seen == 0 and tokens and self.model.add_bos and bos >= 0 and tokens[0] != bos:
+            return [bos]
+        return []
 
     def _text_pieces(self, text: "str | bytes") -> Iterator[str]:
         return text_pieces(text, self._utf8_in)
@@ -308,7 +378,7 @@ class Session:
             with deferred_interrupt():
                 n_evict = self.policy.evictions(self.n_ctx, cache.n_kept, cache.n_window, len(batch))
                 if n_evict and self._message_starts:
-                    n_evict = self._align_to_message(n_evict)
+                    n_evict = self._align_to_message(n_evict, needed=cache.n_cached + len(batch) - self.n_ctx)
                 cache.evict(n_evict)
                 # Row j's logits predict token j+1; the last row is kept for what comes next.
                 logits_for = np.zeros(len(batch), dtype=np.int8)
@@ -330,8 +400,11 @@ class Session:
             if want is not None:
                 self._score_first(token, want[i], nll, i)
             with deferred_interrupt():
-                cache.drop_oldest(self.policy.evictions(self.n_ctx, 0, cache.n_window, 1))
-                cache.push_uncomputed(token)  # computed lazily, only where logits are needed
+                n_evict = self.policy.evictions(self.n_ctx, cache.n_kept, cache.n_window, 1)
+                if n_evict and self._message_starts:
+                    n_evict = self._align_to_message(n_evict, needed=n_evict)
+                cache.drop_oldest(n_evict)
+                cache.push_uncomputed(token, self._n_keep_target)  # computed lazily, only where logits are needed
                 self._tokens_seen += 1
                 self._last_logits = None
 
@@ -462,23 +535,50 @@ class Session:
             "pending_utf8": self._utf8_in.pending.hex(), "message_starts": list(self._message_starts),
             "last_end_token_text": self.last_end_token_text,
             "counters": vars(cache.counters).copy(),
-            "chat": None if chat is None else {"system": chat.system, "keep_system": chat.keep_system,
-                                                "messages": chat.messages, "fed": chat._fed},
+            "chat": None if chat is None else chat.saved_state(),
         }
 
     def _validate_saved_state(self, state: dict) -> None:
+        """Raise SessionFileError unless every field :meth:`_apply_saved_state` reads is sound."""
+        from .chat import saved_chat_problem
         from .persistence import SessionFileError
 
         try:
-            tokens = list(state["kept"]) + list(state["window"])
-            ok = (len(tokens) <= self.n_ctx and all(isinstance(t, int) and 0 <= t < self.model.n_vocab for t in tokens)
-                  and isinstance(state["w0"], int) and state["w0"] >= len(state["kept"])
-                  and 0 <= state["n_keep_target"] < self.n_ctx and state["tokens_seen"] >= len(tokens))
-            bytes.fromhex(state["pending_utf8"])
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise SessionFileError("the session file's bookkeeping is inconsistent; refusing it")
+            problem = self._saved_stream_problem(state) or saved_chat_problem(state["chat"], state["tokens_seen"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            problem = "a field is missing or of the wrong type"
+        if problem:
+            raise SessionFileError(f"the session file's bookkeeping is inconsistent ({problem}); refusing it")
+
+    def _saved_stream_problem(self, state: dict) -> str | None:
+        """What is wrong with the stream's saved fields, or None."""
+        kept, window, seen = state["kept"], state["window"], state["tokens_seen"]
+        if not (isinstance(kept, list) and isinstance(window, list)):
+            return "kept and window must be lists"
+        tokens = kept + window
+        if len(tokens) > self.n_ctx or not all(_is_int(t) and 0 <= t < self.model.n_vocab for t in tokens):
+            return "cached tokens"
+        if not (_is_int(state["w0"]) and state["w0"] >= len(kept)):
+            return "w0"
+        if not (_is_int(state["n_keep_target"]) and 0 <= state["n_keep_target"] < self.n_ctx):
+            return "n_keep_target"
+        if not (_is_int(seen) and seen >= len(tokens)):
+            return "tokens_seen"
+        if not isinstance(state["pending_utf8"], str) or len(bytes.fromhex(state["pending_utf8"])) > 3:
+            return "pending_utf8"
+        starts = state["message_starts"]
+        if not (isinstance(starts, list) and all(_is_int(i) and 0 <= i <= seen for i in starts)
+                and starts == sorted(starts)):
+            return "message_starts"
+        if not isinstance(state["last_end_token_text"], str):
+            return "last_end_token_text"
+        counters, fields = state["counters"], vars(CacheCounters())
+        if not (isinstance(counters, dict) and set(counters) <= set(fields)
+                and all(_is_int(v) or (k == "decode_seconds" and isinstance(v, float))
+                        for k, v in counters.items())
+                and all(v >= 0 for v in counters.values())):
+            return "counters"
+        return None
 
     def _apply_saved_state(self, state: dict) -> None:
         from .chat import Chat
@@ -488,19 +588,14 @@ class Session:
         cache.window = deque(state["window"])
         cache.w0 = state["w0"]
         cache.has_logits = False
-        for key, value in state["counters"].items():
-            setattr(cache.counters, key, value)
+        cache.counters = CacheCounters(**state["counters"])
         self._tokens_seen = state["tokens_seen"]
         self._n_keep_target = state["n_keep_target"]
         self._utf8_in = Utf8Stream(bytes.fromhex(state["pending_utf8"]))
         self._message_starts = deque(state["message_starts"])
         self.last_end_token_text = state["last_end_token_text"]
         self._last_logits = None
-        self._chat = None
-        if state["chat"] is not None:
-            saved = state["chat"]
-            self._chat = Chat(self, system=None, keep_system=saved["keep_system"])
-            self._chat.system, self._chat.messages, self._chat._fed = saved["system"], saved["messages"], saved["fed"]
+        self._chat = None if state["chat"] is None else Chat.from_saved(self, state["chat"])
 
     # -- introspection ---------------------------------------------------------------------------
 
@@ -551,6 +646,10 @@ def _mask(positions: Iterable[int], n: int) -> np.ndarray:
         raise ValueError(f"positions must be token indices in [0, {n})")
     mask[idx] = True
     return mask
+
+
+def _is_int(value) -> bool:
+    return type(value) is int  # JSON's true/false are bools, which isinstance(..., int) lets through
 
 
 def _rate(counter: list) -> float:

@@ -463,3 +463,77 @@ def test_not_a_session_file(victim, tmp_path, model_path):
 def test_read_session_file_reports_the_header(snapshot):
     header, payload = read_session_file(snapshot[0])
     assert header["n_ctx"] == 64 and len(payload) == header["payload_length"]
+
+
+# -- crafted bookkeeping: every field restore reads is checked -------------------------------------
+
+@pytest.fixture(scope="module")
+def chat_snapshot(model, tmp_path_factory):
+    """A small chat (n_ctx 64, the victim's settings), saved."""
+    s = model.session(n_ctx=64, n_threads=1)
+    s.start_chat("Be brief.")
+    "".join(s.chat("Hi", max_tokens=6, seed=1))
+    path = tmp_path_factory.mktemp("chat") / "chat.session"
+    s.save(path)
+    s.close()
+    return path, path.read_bytes()
+
+
+_BAD_STATE = {
+    "counters not numbers": lambda st: st.update(counters={"evicted": "x"}),
+    "unknown counter": lambda st: st.update(counters={"bogus": 1}),
+    "counters not an object": lambda st: st.update(counters=[1, 2]),
+    "negative counter": lambda st: st.update(counters={"evicted": -1}),
+    "bool counter": lambda st: st.update(counters={"evicted": True}),
+    "message start not a number": lambda st: st.update(message_starts=[None]),
+    "message start past the stream": lambda st: st.update(message_starts=[10**9]),
+    "message starts not a list": lambda st: st.update(message_starts=5),
+    "message starts out of order": lambda st: st.update(message_starts=[3, 1]),
+    "end token text": lambda st: st.update(last_end_token_text=3),
+    "pending bytes": lambda st: st.update(pending_utf8="zz"),
+    "chat not an object": lambda st: st.update(chat=[1]),
+    "messages not a list": lambda st: st["chat"].update(messages="hi"),
+    "message not an object": lambda st: st["chat"].update(messages=[["user", "hi"]]),
+    "message without content": lambda st: st["chat"].update(messages=[{"role": "user"}]),
+    "unknown role": lambda st: st["chat"].update(messages=[{"role": "wizard", "content": "x"}]),
+    "content not text": lambda st: st["chat"].update(messages=[{"role": "user", "content": 5}]),
+    "messages missing": lambda st: st["chat"].pop("messages"),
+    "placeholder past the messages": lambda st: st["chat"].update(fed="\ue0009\ue001"),
+    "rendering not text": lambda st: st["chat"].update(fed=7),
+    "keep_system not a bool": lambda st: st["chat"].update(keep_system="yes"),
+    "system not text": lambda st: st["chat"].update(system=["x"]),
+    "mark past the stream": lambda st: st["chat"].update(marks=[[0, 10**9]]),
+    "render_from past the messages": lambda st: st["chat"].update(render_from=99),
+    "template does not parse": lambda st: st["chat"].update(template="{% for %}"),
+}
+
+
+@pytest.mark.parametrize("damage", list(_BAD_STATE), ids=list(_BAD_STATE))
+def test_crafted_bookkeeping_fields_are_refused(chat_snapshot, victim, model, tmp_path, damage, capsys):
+    from edgesink.chat_cli import run_command
+
+    header, payload = _split(chat_snapshot[1])
+    _BAD_STATE[damage](header["state"])
+    path = _write(tmp_path, _rebuild(header, payload))
+    with pytest.raises(SessionFileError, match="bookkeeping is inconsistent"):
+        victim.load(path)
+    # In chat: an error line, the conversation as it was.
+    with model.session(n_ctx=64, n_threads=1) as s:
+        s.start_chat("You are kind.")
+        "".join(s.chat("Hello", max_tokens=4, seed=2))
+        before = (s.messages, s.cached_tokens())
+        run_command(s, f"/load {path}")
+        assert capsys.readouterr().out.startswith("error: the session file's bookkeeping is inconsistent")
+        assert (s.messages, s.cached_tokens()) == before
+        assert "".join(s.chat("Again", max_tokens=2, seed=3)) is not None
+
+
+def test_a_chat_saved_without_the_newer_fields_still_loads(chat_snapshot, model, tmp_path):
+    header, payload = _split(chat_snapshot[1])
+    for key in ("marks", "template", "render_from"):
+        header["state"]["chat"].pop(key)
+    path = _write(tmp_path, _rebuild(header, payload))
+    with model.session(n_ctx=64, n_threads=1) as s:
+        s.load(path)
+        assert s.system_prompt == "Be brief." and len(s.messages) == 3
+        "".join(s.chat("More?", max_tokens=2, seed=1))

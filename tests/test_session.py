@@ -142,7 +142,7 @@ def test_bad_generation_parameters(model):
         with pytest.raises(ValueError, match="nothing to continue"):
             s.generate_text(3)
         s.feed("Hello")
-        for kwargs in ({"max_tokens": 0}, {"max_tokens": -3}, {"temperature": 0}, {"top_p": 1.5}, {"seed": -1}):
+        for kwargs in ({"max_tokens": 0}, {"max_tokens": -3}, {"temperature": -1}, {"top_p": 1.5}, {"seed": -1}):
             with pytest.raises(ValueError):
                 s.generate_text(**kwargs)
         with pytest.raises(ValueError, match="out of range"):
