@@ -124,7 +124,14 @@ BENCH_RESULTS_ARGS := --tokens 20000 --n-ctx 256,512,1024,2048 --sinks 0,1,2,4,8
 BENCH_SOAK_ARGS := --policies sink --n-ctx 512 --sinks 4 --cache-type-k f16 --evict-chunk 1 --tokens 0 \
                    --stock-lib none --soak $(SOAK) --threads $(BENCH_THREADS)
 
-.PHONY: bench bench-results bench-main bench-soak
+.PHONY: bench bench-results bench-main bench-soak bench-headline
+# Per-token cost at a full cache, n_ctx 2048 and 8192: a dense step, one-token eviction moving the 4
+# sinks forward and moving the whole window back, interleaved in one run per library (~10 min).
+HEADLINE_ARGS := latency --n-ctx 2048,8192 --steps 40 --threads $(BENCH_THREADS)
+bench-headline: setup $(CORPUS) $(STOCK_LIB)
+	$(PY) benchmarks/headline.py $(HEADLINE_ARGS) --json benchmarks/results/headline_latency_patched.json
+	EDGESINK_LIB_PATH=$(abspath build/stock/lib) $(PY) benchmarks/headline.py $(HEADLINE_ARGS) \
+	    --json benchmarks/results/headline_latency_stock.json
 bench: setup $(VENV)/.bench-deps $(CORPUS) $(STOCK_LIB)
 	$(VENV)/bin/edgesink bench --out build/bench $(BENCH_ARGS)
 

@@ -8,12 +8,16 @@
 
     .venv/bin/python benchmarks/headline.py quality --n-ctx 512 --tokens 20000 --sample 128
     .venv/bin/python benchmarks/headline.py latency --n-ctx 2048,8192 --steps 40
+
+`make bench-headline` runs the latency part with the patched and then with the stock library.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -24,6 +28,7 @@ from edgesink.bench.machine import publish
 from edgesink.corpus import austen_text
 
 
+LOAD_AT_START = os.getloadavg()  # a busy machine makes every figure slower: say how busy it was
 THREADS = None  # set by --threads; a busy machine wants 1 (llama.cpp's threads wait for each other)
 
 
@@ -77,7 +82,9 @@ def main():
     model = edgesink.load(None)
     runs = [quality(model, int(n), args.tokens, args.sample) if args.what == "quality" else latency(model, int(n), args.steps)
             for n in args.n_ctx.split(",")]
-    publish({"threads": args.threads, "library": str(_native.LIBRARY_FOLDER), "runs": runs}, args.json)
+    command = "python benchmarks/headline.py " + " ".join(sys.argv[1:])
+    publish({"command": command, "steps": args.steps if args.what == "latency" else None, "threads": args.threads,
+             "library": str(_native.LIBRARY_FOLDER), "load_average_at_start": LOAD_AT_START, "runs": runs}, args.json)
 
 
 if __name__ == "__main__":

@@ -353,19 +353,20 @@ def open_input(name: str):
 @click.argument("model", required=False)
 @session_options
 @sampling_options
-@click.option("--system", default=None, help="System prompt; kept in the cache for ever, like the sinks.")
+@click.option("--system", default=None, help="System prompt (at most half of --n-ctx); kept in the cache for ever, like the sinks.")
 @friendly_errors
 def chat(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, system, **sampling):
     """Chat without end: the cache evicts old messages, the chat goes on.
 
-    When the cache is full the oldest messages are evicted and the system prompt stays. Replies stream as they are generated. Ctrl-C stops a reply and keeps the conversation;
-    Ctrl-D or /exit quits. Commands in the chat:
+    When the cache is full the oldest turns are evicted whole and the system prompt stays (only
+    a single turn longer than the cache is cut inside). Replies stream as they are generated.
+    Ctrl-C stops a reply and keeps the conversation; Ctrl-D or /exit quits. Commands in the chat:
 
     \b
       /reset        forget the conversation (the system prompt stays)
       /stats        tokens seen, in cache, evictions, speed
       /save FILE    save the session (cache and conversation)
-      /load FILE    load a session saved with /save
+      /load FILE    load a session saved with /save (or a stream saved by feed --save)
       /system TEXT  start over with a new system prompt
       /help         list these commands
       /exit         quit
