@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -28,7 +27,6 @@ from edgesink.bench.machine import publish
 from edgesink.corpus import austen_text
 
 
-LOAD_AT_START = os.getloadavg()  # a busy machine makes every figure slower: say how busy it was
 THREADS = None  # set by --threads; a busy machine wants 1 (llama.cpp's threads wait for each other)
 
 
@@ -84,7 +82,7 @@ def main():
             for n in args.n_ctx.split(",")]
     command = "python benchmarks/headline.py " + " ".join(sys.argv[1:])
     publish({"command": command, "steps": args.steps if args.what == "latency" else None, "threads": args.threads,
-             "library": str(_native.LIBRARY_FOLDER), "load_average_at_start": LOAD_AT_START, "runs": runs}, args.json)
+             "library": str(_native.LIBRARY_FOLDER), "runs": runs}, args.json)
 
 
 if __name__ == "__main__":
