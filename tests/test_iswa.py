@@ -38,7 +38,7 @@ def test_sink_streams_past_the_window_and_the_cache(gemma, gemma_tokens):
     with gemma.session(n_ctx=N_CTX, policy="sink") as s:
         s.feed_tokens(gemma_tokens)
         generated = [c.token for c in s.stream_generate(N_CTX + 50, top_k=1) if c.token is not None]
-        stream = gemma_tokens + generated
+        stream = [gemma.bos_token] + gemma_tokens + generated  # Gemma asks for a BOS: the stream begins with it
         assert len(generated) > N_CTX  # generation alone passed n_ctx (no end token in greedy prose)
         assert s.cached_tokens() == stream[:4] + stream[-(N_CTX - 4):]
         assert s.stats.tokens_in_cache == N_CTX and s.stats.evictions == len(stream) - N_CTX
@@ -59,7 +59,7 @@ def test_both_shift_paths_agree_on_both_caches(gemma, gemma_tokens):
         with gemma.session(n_ctx=N_CTX, policy="sink", shift_mode=mode) as s:
             nll = s.score_tokens(gemma_tokens)
             last[mode] = s.next_logits()
-            assert s.stats.evictions == len(gemma_tokens) - N_CTX
+            assert s.stats.evictions == 1 + len(gemma_tokens) - N_CTX  # the BOS fed before them
         ppl[mode] = float(np.exp(nll[N_CTX:].mean()))  # only tokens scored after evictions began
     assert abs(ppl["kept-forward"] / ppl["window-back"] - 1) < 0.01, ppl
     assert last["kept-forward"].argmax() == last["window-back"].argmax()
