@@ -198,11 +198,15 @@ class StreamCache:
             self.decode(tokens, self.next_pos, STREAM_SEQ, want_logits)
             self.has_logits = bool(want_logits[-1])
             for t in tokens:
-                if len(self.kept) < n_keep_target and not self.window:
-                    self.kept.append(t)
-                    self.w0 += 1
-                else:
-                    self.window.append(t)
+                self._record(t, n_keep_target)
+
+    def _record(self, token: int, n_keep_target: int) -> None:
+        """Book a new newest token: kept while ``kept`` is short of its target and no window began."""
+        if len(self.kept) < n_keep_target and not self.window:
+            self.kept.append(token)
+            self.w0 += 1
+        else:
+            self.window.append(token)
 
     def adopt_kept(self, n_keep: int) -> None:
         """Make the first ``n_keep`` cached tokens kept ones (e.g. a chat's system prompt), if cached yet."""
@@ -323,11 +327,7 @@ class StreamCache:
 
     def push_uncomputed(self, token: int, n_keep_target: int) -> None:
         """Record a token whose KV is not computed yet (recompute policy); kept first, as :meth:`append`."""
-        if len(self.kept) < n_keep_target and not self.window:
-            self.kept.append(token)
-            self.w0 += 1
-        else:
-            self.window.append(token)
+        self._record(token, n_keep_target)
         self.has_logits = False
 
     def rebuild(self) -> None:
