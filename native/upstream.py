@@ -6,8 +6,10 @@ distribution of the pinned llama-cpp-python release on PyPI (fetched by name
 with pip and checked against its sha256), never from this repository.
 
 Commands:
-  prepare --dest DIR [--no-patches]   extract the pristine tree into DIR as a git
+  prepare --dest DIR [--stock]        extract the pristine tree into DIR as a git
                                       repository and ``git am`` native/patches/*.patch
+                                      (--stock: only the patches upstream.json lists in
+                                      "stock_patches", fixes that are not about the K-shift)
   sdist                               print the path of the verified sdist (fetching it)
   regenerate --dest DIR               rewrite native/patches/ from the commits made
                                       on top of the pristine tree in DIR
@@ -89,16 +91,22 @@ def check_bindings_requirement() -> None:
                  f"{wanted}; make them agree (the pin decides)")
 
 
-def patch_files() -> list[Path]:
-    return sorted(PATCH_DIR.glob("[0-9][0-9][0-9][0-9]-*.patch"))
+def patch_files(stock: bool = False) -> list[Path]:
+    """The patches to apply: all of them, or for the stock build only those in "stock_patches".
+
+    The stock build is the side-by-side reference for the K-shift patches, so it must differ from the
+    patched build in those alone: fixes of upstream bugs that would stop it from running at all (on
+    some CPUs) apply to both.
+    """
+    patches = sorted(PATCH_DIR.glob("[0-9][0-9][0-9][0-9]-*.patch"))
+    if stock:
+        patches = [p for p in patches if p.name[:4] in PIN.get("stock_patches", [])]
+    return patches
 
 
-def tree_fingerprint(with_patches: bool) -> str:
+def tree_fingerprint(stock: bool) -> str:
     """What the prepared tree is made of; a changed fingerprint means re-extract."""
-    parts = [PIN["sha256"]]
-    if with_patches:
-        parts += [f"{p.name}:{sha256_of(p)}" for p in patch_files()]
-    return "\n".join(parts)
+    return "\n".join([PIN["sha256"], *(f"{p.name}:{sha256_of(p)}" for p in patch_files(stock))])
 
 
 def extract_vendored(sdist: Path, dest: Path) -> None:
@@ -136,10 +144,10 @@ def extract_pristine(sdist: Path, dest: Path) -> None:
     git(dest, "tag", PRISTINE_TAG)
 
 
-def prepare(dest: Path, with_patches: bool) -> None:
-    """Make DEST a git repository holding the pinned tree (plus patches), unless it already is."""
+def prepare(dest: Path, stock: bool) -> None:
+    """Make DEST a git repository holding the pinned tree plus patches, unless it already is."""
     stamp = dest / ".git" / "edgesink-stamp"
-    fingerprint = tree_fingerprint(with_patches)
+    fingerprint = tree_fingerprint(stock)
     if stamp.exists() and stamp.read_text() == fingerprint:
         return
     pristine = dest / ".git" / "edgesink-pristine"
@@ -152,9 +160,8 @@ def prepare(dest: Path, with_patches: bool) -> None:
     else:
         extract_pristine(fetch_sdist(), dest)
         pristine.write_text(PIN["sha256"])
-    if with_patches:
-        for patch in patch_files():
-            git(dest, "am", "-q", "--keep-cr", "--committer-date-is-author-date", str(patch))
+    for patch in patch_files(stock):
+        git(dest, "am", "-q", "--keep-cr", "--committer-date-is-author-date", str(patch))
     stamp.write_text(fingerprint)
 
 
@@ -167,7 +174,7 @@ def regenerate(dest: Path) -> None:
          "--no-stat", "-o", str(PATCH_DIR), f"{PRISTINE_TAG}..HEAD"],
         check=True,
     )
-    (dest / ".git" / "edgesink-stamp").write_text(tree_fingerprint(True))
+    (dest / ".git" / "edgesink-stamp").write_text(tree_fingerprint(stock=False))
     for patch in patch_files():
         print(patch.relative_to(NATIVE_DIR.parent))
 
@@ -177,14 +184,14 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("--dest", type=Path, required=True)
-    p.add_argument("--no-patches", action="store_true")
+    p.add_argument("--stock", action="store_true")
     sub.add_parser("sdist")
     r = sub.add_parser("regenerate")
     r.add_argument("--dest", type=Path, required=True)
     args = parser.parse_args()
     check_bindings_requirement()
     if args.command == "prepare":
-        prepare(args.dest.resolve(), with_patches=not args.no_patches)
+        prepare(args.dest.resolve(), stock=args.stock)
     elif args.command == "sdist":
         print(fetch_sdist())
     else:
