@@ -146,3 +146,34 @@ bench-soak: setup $(VENV)/.bench-deps $(CORPUS)
 $(VENV)/.bench-deps: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install "matplotlib>=3.7" "tqdm>=4.66"
 	touch $@
+
+# The GPU check, for a maintainer with an NVIDIA GPU and the CUDA toolkit (nvcc): builds the CUDA
+# configuration patched (build/gpu/lib) and a stock libllama against that same ggml (build/gpu-stock/lib,
+# only llama.cpp's src/ compiles), then runs the shift, stream and save/restore tests and the
+# eviction-latency table with every layer offloaded, into benchmarks/results/gpu (benchmarks/gpu/check.py).
+# CUDA_ARCH: the GPU's compute capability (90 for Hopper; "native" asks the GPU of this machine).
+# A rehearsal without a GPU: make gpu-check GPU_CMAKE_ARGS= GPU_CHECK_ARGS="--small --allow-cpu --out build/gpu-rehearsal"
+CUDA_ARCH ?= native
+GPU_CMAKE_ARGS ?= -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH)
+GPU_CHECK_ARGS ?=
+GPU_LIB       := build/gpu/lib/libllama.so
+GPU_STOCK_LIB := build/gpu-stock/lib/libllama.so
+.PHONY: gpu-check gpu-libs
+gpu-check: setup $(VENV)/.test-deps $(VENV)/.bench-deps $(CORPUS) $(ISWA_MODEL) gpu-libs
+	$(PY) benchmarks/gpu/check.py --patched-lib build/gpu/lib --stock-lib build/gpu-stock/lib $(GPU_CHECK_ARGS)
+gpu-libs: $(GPU_LIB) $(GPU_STOCK_LIB)
+
+$(GPU_LIB): $(NATIVE_INPUTS) | $(VENV)/.bindings-installed
+	cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release $(GPU_CMAKE_ARGS) -DPython3_EXECUTABLE=$(abspath $(PY))
+	cmake --build build/gpu -j
+	cmake --install build/gpu --prefix build/gpu --component edgesink
+	cmake --install build/gpu --prefix build/gpu/prefix   # ggml's CMake package, for the stock build below
+
+# LLAMA_USE_SYSTEM_GGML: the stock libllama links the ggml just built, so both libraries run the same kernels.
+$(GPU_STOCK_LIB): $(GPU_LIB)
+	cmake -S . -B build/gpu-stock -G Ninja -DCMAKE_BUILD_TYPE=Release -DEDGESINK_PATCHES=OFF \
+	      -DLLAMA_USE_SYSTEM_GGML=ON -Dggml_DIR=$(abspath build/gpu/prefix/lib/cmake/ggml) \
+	      -DPython3_EXECUTABLE=$(abspath $(PY))
+	cmake --build build/gpu-stock -j
+	cmake --install build/gpu-stock --prefix build/gpu-stock --component edgesink
+	cp $(filter-out %/libllama.so,$(wildcard build/gpu/lib/*.so)) build/gpu-stock/lib/

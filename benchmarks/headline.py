@@ -1,4 +1,4 @@
-"""The headline figures of issues 2 and 3, in one short run (the full sweep is context_shift.py).
+"""The headline figures in one short run: quality and per-token eviction cost (the full sweep is context_shift.py).
 
 1. quality: perplexity of sink, halve, window and recompute at one n_ctx on the same long text,
    all scored on the same uniform sample of positions after the cache first filled;
@@ -47,6 +47,11 @@ def quality(model, n_ctx, n_tokens, n_sample):
             "sink_vs_recompute": results["sink"]["ppl"] / ref - 1, "sink_vs_halve": results["sink"]["ppl"] / results["halve"]["ppl"] - 1}
 
 
+def _graphs_reused(ctx) -> int:
+    """How many decodes of this context reused the previous compute graph (llama_perf_context's n_reused)."""
+    return int(edgesink._native.C.llama_perf_context(ctx).n_reused)
+
+
 def latency(model, n_ctx, steps):
     tokens = model.tokenize(austen_text()[: n_ctx * 6])[: n_ctx + 2 * steps + 8]
     out = {}
@@ -55,13 +60,19 @@ def latency(model, n_ctx, steps):
                            n_threads=THREADS) as s:
             s.feed_tokens(tokens[:n_ctx])
             cache, dense, evict = s._cache, [], []
+            reused = {"dense": 0, "evict": 0}  # steps whose compute graph llama.cpp reused instead of building it
             for i in range(steps):
                 # dense step at the same fill: drop the newest cell, decode a token in its place
                 newest = cache.window.pop()
                 edgesink._native.C.llama_memory_seq_rm(cache.mem, 0, cache.next_pos, -1)
+                before = _graphs_reused(cache.ctx)
                 t = time.perf_counter(); cache.append([newest], np.ones(1, np.int8), 4); dense.append(time.perf_counter() - t)
+                reused["dense"] += _graphs_reused(cache.ctx) - before
+                before = _graphs_reused(cache.ctx)
                 t = time.perf_counter(); s.feed_tokens([tokens[n_ctx + i]]); evict.append(time.perf_counter() - t)
-            out[mode] = {"evict_ms": statistics.median(evict) * 1e3, "dense_ms": statistics.median(dense) * 1e3}
+                reused["evict"] += _graphs_reused(cache.ctx) - before
+            out[mode] = {"evict_ms": statistics.median(evict) * 1e3, "dense_ms": statistics.median(dense) * 1e3,
+                         "graphs_reused_dense": reused["dense"], "graphs_reused_evict": reused["evict"]}
     return {"n_ctx": n_ctx, "patch_level": _native.patch_level(), **out}
 
 
@@ -74,10 +85,11 @@ def main():
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--json", default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--model", default=None, help="a .gguf path or registry name (default: the default model)")
     args = parser.parse_args()
     global THREADS
     THREADS = args.threads
-    model = edgesink.load(None)
+    model = edgesink.load(args.model)
     runs = [quality(model, int(n), args.tokens, args.sample) if args.what == "quality" else latency(model, int(n), args.steps)
             for n in args.n_ctx.split(",")]
     command = "python benchmarks/headline.py " + " ".join(sys.argv[1:])

@@ -22,7 +22,8 @@ from edgesink import _native
 from edgesink._native import C
 
 REPO = Path(__file__).resolve().parents[1]
-STOCK_LIB = REPO / "build" / "stock" / "lib"
+# The stock library to compare with; the GPU check points this at a stock build beside the CUDA ggml.
+STOCK_LIB = Path(os.environ.get("EDGESINK_STOCK_LIB_PATH") or REPO / "build" / "stock" / "lib")
 EDGESINK = str(Path(sys.executable).parent / "edgesink")
 TEXT = ("The family of Dashwood had long been settled in Sussex. Their estate was large, and their "
         "residence was at Norland Park, in the centre of their property, where, for many generations, "
