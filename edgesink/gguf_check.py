@@ -14,8 +14,10 @@ Two defences, in this order:
 2. :func:`probe_load`: llama.cpp itself loads the file in a child process, without reading the
    weights (``no_alloc``), builds a small context and tokenizes a line, so an assertion in
    per-architecture code (157 architecture files hold some 560 of them) kills the child, not us.
-   About 0.5 s (0.35 s of it starting Python), so the verdict is remembered per file (path, size,
-   modification time) and paid once.
+   About 0.5 s (0.35 s of it starting Python), so the verdict is remembered per file content (its
+   sha256, which loading computes anyway) and library, and paid once. The child runs isolated
+   (``python -I``, in the package's folder): code where the user stands (a ``json.py``, an
+   ``edgesink/`` folder) is never imported, so it can neither run nor fake a verdict.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import _native
+from .child import CWD, child_env, isolated_python, library_file
 from .errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
@@ -373,15 +377,19 @@ def _check_tokenizer(info: GgufInfo) -> None:
 # -- loading in a child process -------------------------------------------------------------------
 
 PROBE_TIMEOUT_S = 300
-_PROBE_CACHE_VERSION = 1
+_PROBE_CACHE_VERSION = 2  # 2: keyed by the file's sha256 (1 was path, size and mtime)
+
+# The child's whole program. Isolated (-I), Python puts neither the current folder nor PYTHONPATH
+# nor the user's site-packages on sys.path, so the folders this process imports from come in argv.
+_CHILD_PROGRAM = ("import sys; sys.path[:0] = sys.argv[2:]; "
+                  "from edgesink.gguf_check import _probe_child; sys.exit(_probe_child(sys.argv[1]))")
 
 
 def probe_load(path: "str | os.PathLike", timeout: float = PROBE_TIMEOUT_S) -> None:
     """Let llama.cpp load ``path`` in a child process first; raise ModelLoadError if it fails or dies."""
     path = Path(path)
-    env = dict(os.environ, GGML_NO_BACKTRACE="1")  # an abort runs no debugger
     try:
-        r = subprocess.run([sys.executable, "-m", "edgesink.gguf_check", str(path)], env=env,
+        r = subprocess.run(probe_command(path), env=probe_env(), cwd=CWD,
                            stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise ModelLoadError(f"llama.cpp took more than {timeout:.0f} s to read the header of {path}; "
@@ -399,6 +407,17 @@ def probe_load(path: "str | os.PathLike", timeout: float = PROBE_TIMEOUT_S) -> N
     raise ModelLoadError(f"llama.cpp could not load {path}: {reason or 'not a valid GGUF model it supports'}")
 
 
+def probe_command(path: Path) -> list[str]:
+    """The child's command line: isolated Python, the file's absolute path, then the import folders."""
+    return isolated_python(_CHILD_PROGRAM, str(Path(path).absolute()))
+
+
+def probe_env() -> dict[str, str]:
+    """The child's environment: the folder of the very libllama this process loaded, as an absolute path."""
+    return dict(child_env(), GGML_NO_BACKTRACE="1",  # an abort runs no debugger
+                EDGESINK_LIB_PATH=str(library_file().parent))
+
+
 def _log_reason(log: str) -> str:
     """The most telling line of llama.cpp's log: an assertion, else the last error."""
     lines = [line.strip() for line in log.splitlines() if line.strip()]
@@ -410,45 +429,61 @@ def _log_reason(log: str) -> str:
     return ""
 
 
-def check_model_file(path: "str | os.PathLike", *, probe: bool = True) -> GgufInfo:
-    """:func:`check_gguf`, then (once per file version) :func:`probe_load`."""
+def check_model_file(path: "str | os.PathLike", *, probe: bool = True, sha256: str | None = None) -> GgufInfo:
+    """:func:`check_gguf`, then (once per file content) :func:`probe_load`.
+
+    ``sha256``: the file's hash when the caller has it already (else it is computed, cached).
+    """
     path = Path(path)
     info = check_gguf(path)
-    if probe and not _probe_cached(path):
-        probe_load(path)
-        _remember_probe(path)
+    if probe:
+        probe_once(path, sha256 or file_sha256(path))
     return info
 
 
-def _probe_key(path: Path) -> str:
-    st = path.stat()
-    return f"{_PROBE_CACHE_VERSION}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{_library_id()}"
+def probe_once(path: Path, sha256: str) -> None:
+    """:func:`probe_load`, unless a file with this content passed it before with this library."""
+    key = _probe_key(sha256)
+    if not _probe_cached(key):
+        probe_load(path)
+        _remember_probe(key)
+
+
+def file_sha256(path: Path) -> str:
+    """The file's sha256 (remembered per file identity, see ``registry.cached_sha256``)."""
+    from .registry import cached_sha256
+
+    try:
+        return cached_sha256(path)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def _probe_key(sha256: str) -> str:
+    return f"{_PROBE_CACHE_VERSION}|{sha256}|{_library_id()}"
 
 
 def _library_id() -> str:
-    from . import _native
-
-    folder = _native.LIBRARY_FOLDER
-    lib = folder / "libllama.so" if folder else None
+    lib = library_file()
     try:
-        st = lib.stat() if lib else None
+        st = lib.stat()
     except OSError:
         st = None
-    return f"{_native.upstream_commit()}|{st.st_size if st else 0}|{st.st_mtime_ns if st else 0}"
+    return f"{_native.upstream_commit()}|{lib}|{st.st_size if st else 0}|{st.st_mtime_ns if st else 0}"
 
 
 def _cache_file() -> Path:
     return Path.home() / ".cache" / "edgesink" / "probed.json"
 
 
-def _probe_cached(path: Path) -> bool:
+def _probe_cached(key: str) -> bool:
     try:
-        return _probe_key(path) in json.loads(_cache_file().read_text())
+        return key in json.loads(_cache_file().read_text())
     except (OSError, ValueError, TypeError):
         return False
 
 
-def _remember_probe(path: Path) -> None:
+def _remember_probe(key: str) -> None:
     cache = _cache_file()
     try:
         known = json.loads(cache.read_text())
@@ -456,8 +491,8 @@ def _remember_probe(path: Path) -> None:
             known = []
     except (OSError, ValueError):
         known = []
-    known = [k for k in known if not k.startswith(f"{_PROBE_CACHE_VERSION}|{path.resolve()}|")][-200:]
-    known.append(_probe_key(path))
+    known = [k for k in known if isinstance(k, str) and k != key][-200:]
+    known.append(key)
     from .registry import write_json_cache
 
     write_json_cache(cache, known)
@@ -499,6 +534,3 @@ def _probe_child(path: str) -> int:
     C.llama_model_free(model)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(_probe_child(sys.argv[1]))

@@ -102,12 +102,25 @@ def choose_files(files: list[str], spec: HubSpec) -> list[str]:
                 f"{spec.repo} has no GGUF file for quantization {quant.upper()}; "
                 f"it has: {', '.join(models) or 'no GGUF files'}")
     check_repo_filename(chosen)
+    return _split_parts(chosen, set(ggufs), spec.repo)
+
+
+def _split_parts(chosen: str, listed: set[str], repo: str) -> list[str]:
+    """All parts of a split GGUF (just ``chosen`` when it is not split), each present in ``listed``."""
     split = SPLIT_RE.search(chosen)
     if not split:
         return [chosen]
-    total = int(split.group(2))
+    index, total = int(split.group(1)), int(split.group(2))
+    if not 1 <= index <= total:
+        raise ModelNotFoundError(f"{repo} has {chosen}, which is not a valid split GGUF name "
+                                 f"(part {index} of {total}); pick another file or quantization")
     stem = chosen[: split.start()]
-    return [f"{stem}-{i:05d}-of-{total:05d}.gguf" for i in range(1, total + 1)]
+    parts = [f"{stem}-{i:05d}-of-{total:05d}.gguf" for i in range(1, total + 1)]
+    missing = [p for p in parts if p not in listed]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ModelNotFoundError(f"{repo} holds an incomplete split model: it lacks {shown}")
+    return parts
 
 
 # -- huggingface-hub's settings, read now (it reads the environment once, at import) -------------
@@ -189,7 +202,10 @@ def cached_models() -> list[tuple[str, str, Path, int]]:
         files = cached_snapshot(repo.repo_id)
         for name in sorted(files):
             if name.endswith(".gguf") and _is_first_part(name):
-                parts = choose_files(list(files), HubSpec(repo.repo_id, file=name)) if SPLIT_RE.search(name) else [name]
+                try:
+                    parts = choose_files(list(files), HubSpec(repo.repo_id, file=name))
+                except ModelNotFoundError:  # a split with parts missing here: list what there is
+                    parts = [name]
                 size = sum(files[p].stat().st_size for p in parts if p in files)
                 found.append((repo.repo_id, name, files[name], size))
     return found
@@ -260,14 +276,21 @@ def _fetch_file(spec: HubSpec, file: str, endpoint: str, name: str | None) -> Pa
 
 
 def _verify(path: Path, expected: str | None) -> None:
-    """Compare the file's sha256 with the expected one; a mismatching file is removed."""
+    """Compare the file's sha256 with the expected one; a mismatching cache entry is removed."""
     if not expected or cached_sha256(path) == expected:
         return
-    blob = path.resolve()
-    blob.unlink(missing_ok=True)
-    path.unlink(missing_ok=True)
+    _remove_cache_entry(path)
     raise ModelLoadError(f"{path.name}: sha256 does not match the Hub's ({expected}); the corrupt download was "
                          "removed, run the command again")
+
+
+def _remove_cache_entry(path: Path) -> None:
+    """Remove a file of the Hub cache: the snapshot link and its blob, but never a file outside the
+    cache folder that a link may name."""
+    target = path.resolve()
+    if path.is_symlink() and target.is_relative_to(hub_cache_dir().resolve()):
+        target.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
 
 
 def fetch_registry_model(entry: RegistryEntry) -> Path:

