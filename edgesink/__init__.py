@@ -9,11 +9,15 @@
 """
 
 from .errors import (
+    ClosedError,
     ContextFullError,
     DecodeError,
     EdgesinkError,
     ModelLoadError,
     ModelNotFoundError,
+    SessionFileError,
+    SessionSaveError,
+    TextTooLongError,
     UnsupportedModelError,
 )
 from .model import Model, load
@@ -24,8 +28,9 @@ from .session import GenerationChunk, Session, SessionStats
 __version__ = "0.1.0"
 
 __all__ = [
-    "ContextFullError", "ContextPolicy", "DecodeError", "Dense", "EdgesinkError", "GenerationChunk",
+    "ClosedError", "ContextFullError", "ContextPolicy", "DecodeError", "Dense", "EdgesinkError", "GenerationChunk",
     "Halve", "Model", "ModelLoadError", "ModelNotFoundError", "POLICY_NAMES", "Recompute",
-    "SamplingParams", "Session", "SessionStats", "Sink", "UnsupportedModelError", "Window",
+    "SamplingParams", "Session", "SessionFileError", "SessionSaveError", "SessionStats", "Sink",
+    "TextTooLongError", "UnsupportedModelError", "Window",
     "__version__", "load", "make_policy",
 ]

@@ -25,11 +25,12 @@ from __future__ import annotations
 import os
 import re
 import time
+import weakref
 from typing import Iterator
 
 from jinja2 import TemplateError
 
-from .errors import EdgesinkError, SystemPromptTooLongError
+from .errors import ClosedError, EdgesinkError, SystemPromptTooLongError
 from .template_guard import GuardedSandbox, TemplateLimitError, time_limit
 
 PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: never produced by a template
@@ -40,6 +41,9 @@ CHATML = (
 )
 MAX_RENDER_CHARS = 1_000_000  # a template that renders more than this is refused
 MAX_RENDER_SECONDS = 2.0
+# Real chat templates are under 20,000 characters (tool-calling ones included); compiling costs
+# time and memory in proportion to the source (2.5 MB: over 10 s), so a longer one is refused unread.
+MAX_TEMPLATE_CHARS = 65_536
 RENDER_WINDOW = 32  # messages rendered per turn at most, besides the system prompt
 
 
@@ -51,6 +55,9 @@ class ChatTemplate:
     """A Jinja chat template rendered in a sandbox with a size and time limit."""
 
     def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
+        if len(source) > MAX_TEMPLATE_CHARS:
+            raise TemplateRenderError(f"the chat template is {len(source):,} characters long; edgesink accepts at "
+                                      f"most {MAX_TEMPLATE_CHARS:,} (real ones are under 20,000): refusing it")
         env = GuardedSandbox(trim_blocks=True, lstrip_blocks=True, max_chars=MAX_RENDER_CHARS)
         env.globals["raise_exception"] = _raise_template_exception
         env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
@@ -58,11 +65,19 @@ class ChatTemplate:
             self._template = env.from_string(source)
         except TemplateError as e:
             raise TemplateRenderError(f"the chat template does not parse: {e}") from e
+        except RecursionError as e:  # Jinja's parser recurses once per nested bracket or block
+            raise TemplateRenderError("the chat template does not parse: it nests too deeply") from e
+        except MemoryError as e:
+            raise TemplateRenderError("the chat template does not parse: out of memory compiling it") from e
+        except Exception as e:  # Python's own compiler refusing the generated code (too many nested blocks...)
+            raise TemplateRenderError(f"the chat template does not parse: {type(e).__name__}: {e}") from e
+        self._env = env
         self._extra = {"bos_token": bos_token, "eos_token": eos_token}
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         deadline = time.monotonic() + MAX_RENDER_SECONDS
         parts, size = [], 0
+        self._env.begin_render()
         try:
             with time_limit(MAX_RENDER_SECONDS):  # also stops loops and macros that produce no output
                 for part in self._template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
@@ -75,6 +90,10 @@ class ChatTemplate:
             raise
         except TemplateLimitError as e:
             raise TemplateRenderError(f"the chat template ran away ({e}); refusing it") from e
+        except RecursionError as e:
+            raise TemplateRenderError("the chat template ran away (it recursed too deeply); refusing it") from e
+        except MemoryError as e:
+            raise TemplateRenderError("the chat template ran away (out of memory); refusing it") from e
         except Exception as e:  # the sandbox's SecurityError, template bugs, raise_exception()
             raise TemplateRenderError(f"the chat template failed: {e}") from e
         return "".join(parts)
@@ -98,7 +117,9 @@ class Chat:
     """
 
     def __init__(self, session, system: str | None = None, keep_system: bool = True, template: str | None = None):
-        self.session = session
+        # The session owns its chat; a strong reference back would make a cycle that keeps a
+        # dropped session's cache (hundreds of MB) alive until the cycle collector runs.
+        self._session = weakref.ref(session)
         model = session.model
         self.template_source = template  # None: the model's own (or ChatML)
         self.template = ChatTemplate(template or model.chat_template or CHATML,
@@ -110,6 +131,14 @@ class Chat:
         self._fed = ""
         self._marks: list[tuple[int, int]] = []
         self._render_from = 0  # the oldest message rendered, besides a leading system prompt
+
+    @property
+    def session(self):
+        """The session this chat belongs to (ClosedError once it is gone)."""
+        session = self._session()
+        if session is None:
+            raise ClosedError("this chat's session is closed")
+        return session
 
     def check_system_fits(self, continuing: bool) -> None:
         """Raise SystemPromptTooLongError if the system prompt leaves too little cache to converse in."""
@@ -160,13 +189,10 @@ class Chat:
 
     def _indices(self, start: int | None = None) -> list[int]:
         """The messages rendered: a leading system prompt, then those from ``start`` on."""
-        head = [0] if self.messages and self.messages[0]["role"] == "system" else []
-        first = max(self._render_from if start is None else start, len(head))
-        return head + list(range(first, len(self.messages)))
+        return _rendered_indices(self.messages, self._render_from if start is None else start)
 
     def _render(self, indices: list[int], add_generation_prompt: bool) -> str:
-        messages = [{"role": self.messages[i]["role"], "content": PLACEHOLDER.format(i)} for i in indices]
-        return self.template.render(messages, add_generation_prompt=add_generation_prompt)
+        return self.template.render(_placeholders(self.messages, indices), add_generation_prompt=add_generation_prompt)
 
     def _slide_window(self) -> None:
         """Stop rendering the oldest messages once there are more than RENDER_WINDOW of them.
@@ -316,8 +342,26 @@ def saved_chat_problem(saved, tokens_seen: int) -> str | None:
     if template is not None:
         if not isinstance(template, str):
             return "chat template"
+        if len(template) > MAX_TEMPLATE_CHARS:
+            return f"chat template longer than {MAX_TEMPLATE_CHARS:,} characters"
         try:
-            ChatTemplate(template)
+            compiled = ChatTemplate(template)
         except TemplateRenderError:
             return "chat template does not parse"
+        try:  # what the next turn renders first: a template that cannot is refused now, not mid-chat
+            compiled.render(_placeholders(messages, _rendered_indices(messages, render_from)),
+                            add_generation_prompt=False)
+        except TemplateRenderError:
+            return "chat template fails on the saved conversation"
     return None
+
+
+def _rendered_indices(messages: list[dict], start: int) -> list[int]:
+    """The messages a chat renders: a leading system prompt, then those from ``start`` on."""
+    head = [0] if messages and messages[0]["role"] == "system" else []
+    return head + list(range(max(start, len(head)), len(messages)))
+
+
+def _placeholders(messages: list[dict], indices: list[int]) -> list[dict]:
+    """Messages for the template, each content a placeholder tokenized apart (never parsed for special tokens)."""
+    return [{"role": messages[i]["role"], "content": PLACEHOLDER.format(i)} for i in indices]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -10,6 +13,7 @@ import click
 from .errors import EdgesinkError, SystemPromptTooLongError
 
 PROMPT = ">>> "
+PROMPT_WAKE_S = 0.1  # how often the wait at the prompt wakes to act on a Ctrl-C already noted
 HISTORY_FILE = Path("~/.cache/edgesink/chat_history")
 HELP = """commands:
   /reset        forget the conversation (the system prompt stays)
@@ -33,7 +37,7 @@ def run_chat(session, *, system: str | None, generation: dict, interactive: bool
     try:
         while True:
             try:
-                message = input(PROMPT) if interactive else next(lines)
+                message = read_message(PROMPT) if interactive else next(lines)
             except (EOFError, StopIteration):
                 break
             except KeyboardInterrupt:  # at the prompt: a fresh line, nothing else
@@ -51,6 +55,41 @@ def run_chat(session, *, system: str | None, generation: dict, interactive: bool
         if interactive:
             click.echo("")
             _save_history()
+
+
+def read_message(prompt: str) -> str:
+    """``input(prompt)`` at a terminal, where a Ctrl-C always gets through.
+
+    A SIGINT that lands after readline has drawn the prompt but before it starts waiting for a
+    key is only noted by Python; readline then waits for a key without acting on it, and the chat
+    looks frozen. Waking the wait every PROMPT_WAKE_S lets readline act on a noted Ctrl-C.
+    """
+    with _waking_wait():
+        return input(prompt)
+
+
+@contextmanager
+def _waking_wait():
+    """SIGALRM every PROMPT_WAKE_S while inside (the main thread of a platform with interval timers)."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(signal.SIGALRM) is not _wake:
+        # Left installed: a tick still on its way after the timer stops must not meet the default
+        # action, which ends the process.
+        signal.signal(signal.SIGALRM, _wake)
+    # readline waits in select(), which any tick ends: its reads and writes may carry on through one.
+    # Without readline, Python's line reader waits in read(), which only an interrupting tick ends.
+    signal.siginterrupt(signal.SIGALRM, "readline" not in sys.modules)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, PROMPT_WAKE_S, PROMPT_WAKE_S)
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _wake(signum, frame) -> None:
+    """Nothing: the tick only ends readline's wait, and Python then runs any pending Ctrl-C."""
 
 
 def reply(session, message: str, generation: dict) -> None:

@@ -71,11 +71,11 @@ def resume_option(fn):
 
 def check_session_file(ctx, param, value):
     """A --resume file must be a whole edgesink session file: checked before the model loads."""
-    from .persistence import SessionFileError, read_session_file
+    from .persistence import SessionFileError, read_session_header
 
     if value is not None:
         try:
-            read_session_file(value)
+            read_session_header(value, check_payload=True)  # the payload is hashed in pieces, not held
         except SessionFileError as e:
             raise click.BadParameter(str(e), ctx=ctx, param=param) from e
     return value

@@ -25,5 +25,21 @@ class DecodeError(EdgesinkError):
     """llama.cpp could not decode a batch (out of cache cells or memory)."""
 
 
+class ClosedError(EdgesinkError, ValueError):
+    """A model or session was used after :meth:`close` (closing a model closes its sessions too)."""
+
+
+class TextTooLongError(EdgesinkError, ValueError):
+    """A text is longer than llama.cpp can tokenize at once (its lengths are 32-bit)."""
+
+
 class SystemPromptTooLongError(EdgesinkError, ValueError):
     """A chat's system prompt takes more of the cache than a conversation can spare."""
+
+
+class SessionFileError(EdgesinkError):
+    """A session file that cannot be restored here; the message names the cause."""
+
+
+class SessionSaveError(EdgesinkError, OSError):
+    """A session could not be saved, or not durably; the message says what the file at that path now holds."""

@@ -46,7 +46,9 @@ _holding_interrupts = 0  # nesting depth of deferred_interrupt in the main threa
 def deferred_interrupt():
     """Hold back Ctrl-C while llama.cpp's memory and our bookkeeping are changed together.
 
-    Nested uses join the outermost one, which alone delivers a held-back KeyboardInterrupt.
+    A SIGINT that arrives meanwhile then goes where SIGINT went before: Python's KeyboardInterrupt,
+    a program's own handler, or nowhere where SIGINT is ignored (a job started in the background).
+    Nested uses join the outermost one, which alone delivers it.
     """
     global _holding_interrupts
     if threading.current_thread() is not threading.main_thread() or _holding_interrupts:
@@ -61,7 +63,7 @@ def deferred_interrupt():
         _holding_interrupts -= 1
         signal.signal(signal.SIGINT, previous)
         if received:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
 
 
 @dataclass
@@ -101,7 +103,7 @@ class StreamCache:
         self.window: deque[int] = deque()
         self.w0 = 0
         self.counters = CacheCounters()
-        self._shifts_since_refresh = 0
+        self.shifts_since_refresh = 0  # K-shifts since the kept tokens were last encoded fresh
         self.has_logits = False  # the context holds logits for the newest token
 
     def _make_batch_views(self):
@@ -153,7 +155,7 @@ class StreamCache:
             self.kept.clear()
             self.window.clear()
             self.w0 = 0
-            self._shifts_since_refresh = 0
+            self.shifts_since_refresh = 0
             self.has_logits = False
             self.counters = CacheCounters()
 
@@ -273,13 +275,13 @@ class StreamCache:
 
     def _count_shift(self) -> None:
         self.counters.shifts += 1
-        self._shifts_since_refresh += 1
+        self.shifts_since_refresh += 1
 
     def _maintain_positions(self) -> None:
         """Keep positions small and the kept keys fresh (kept-forward mode only)."""
         if self.w0 - len(self.kept) >= self.rebase_every:
             self.rebase()
-        elif self.kept and self._shifts_since_refresh >= self.refresh_every:
+        elif self.kept and self.shifts_since_refresh >= self.refresh_every:
             self.refresh_kept()
 
     def rebase(self) -> None:
@@ -314,7 +316,7 @@ class StreamCache:
             self.decode(chunk, pos0 + start, SCRATCH_SEQ, np.zeros(len(chunk), dtype=np.int8))
         C.llama_memory_seq_cp(self.mem, SCRATCH_SEQ, STREAM_SEQ, -1, -1)
         C.llama_memory_seq_rm(self.mem, SCRATCH_SEQ, -1, -1)
-        self._shifts_since_refresh = 0
+        self.shifts_since_refresh = 0
 
     # -- re-computation -----------------------------------------------------------------------
 

@@ -9,29 +9,36 @@ from typing import TYPE_CHECKING
 
 from . import _native
 from ._native import C
-from .errors import ModelLoadError, ModelNotFoundError
+from .errors import ClosedError, ModelLoadError, ModelNotFoundError, TextTooLongError
 
 if TYPE_CHECKING:
     from .session import Session
 
 LOAD_MODE_NONE, LOAD_MODE_MMAP = 0, 1  # enum llama_load_mode
+# int32_t llama_tokenize(..., const char * text, int32_t text_len, llama_token * tokens, int32_t n_tokens_max, ...):
+# both lengths are int32_t, and n_tokens_max is the text's length + 2.
+MAX_TOKENIZE_BYTES = 2**31 - 1 - 2
 
 
 class Model:
     """Weights loaded once; each :meth:`session` gets its own KV cache on top of them.
 
     Use :func:`load` to make one. Close it (or use it as a context manager) to free the weights;
-    sessions created from it must be closed first.
+    sessions still open on it are closed first.
     """
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, use_mmap: bool = True,
                  check: str = "full"):
         """``check``: ``"full"`` (default) checks the GGUF header in Python, then lets llama.cpp load
-        the file once in a child process (remembered per file), so a file that would abort
+        the file once in a child process (remembered per file content), so a file that would abort
         llama.cpp raises ModelLoadError instead of killing this process; ``"header"`` only the
         Python check; ``"none"`` trusts the file. See :mod:`edgesink.gguf_check`.
+
+        Whatever ``check``, the file is hashed here (once per file version, then remembered):
+        :attr:`sha256` and saved sessions describe the bytes loaded, even if the file later changes.
         """
         self._model = None
+        self._contexts: dict = {}  # each session's cache on these weights -> that session's lock
         self.path = Path(path)
         if check not in ("full", "header", "none"):
             raise ValueError(f"check must be 'full', 'header' or 'none', got {check!r}")
@@ -41,10 +48,14 @@ class Model:
             raise ModelLoadError(f"{self.path} is a directory, not a GGUF model file")
         if not self.path.exists():
             raise ModelNotFoundError(f"no model file at {self.path}")
-        if check != "none":
-            from .gguf_check import check_model_file
+        from . import gguf_check
 
-            check_model_file(self.path, probe=check == "full")
+        identity = _file_identity(self.path)
+        if check != "none":
+            gguf_check.check_gguf(self.path)
+        self._sha256: str = gguf_check.file_sha256(self.path)
+        if check == "full":
+            gguf_check.probe_once(self.path, self._sha256)
         _native.warn_if_stock()
         params = C.llama_model_default_params()
         # -1 means "every layer": llama.cpp clamps it to the model's layer count.
@@ -53,7 +64,11 @@ class Model:
         self._model = C.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             raise ModelLoadError(f"llama.cpp could not load {self.path}: not a valid GGUF model it supports")
-        self._vocab = C.llama_model_get_vocab(self._model)
+        if _file_identity(self.path) != identity:  # the hash would not describe what llama.cpp read
+            C.llama_model_free(self._model)
+            self._model = None
+            raise ModelLoadError(f"{self.path} changed while it was being loaded; load it again")
+        self._vocab_ptr = C.llama_model_get_vocab(self._model)
         self.n_vocab: int = C.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train: int = C.llama_model_n_ctx_train(self._model)
         self.n_layer: int = C.llama_model_n_layer(self._model)
@@ -67,16 +82,42 @@ class Model:
 
     @property
     def handle(self):
-        """The ``llama_model *`` (for the engine; raises once closed)."""
-        if not self._model:
-            raise ValueError("this model is closed")
+        """The ``llama_model *`` (for the engine; ClosedError once closed)."""
+        self._check_open()
         return self._model
 
+    @property
+    def _vocab(self):
+        """The ``llama_vocab *``, which lives inside the weights: ClosedError once they are freed."""
+        self._check_open()
+        return self._vocab_ptr
+
+    def _check_open(self) -> None:
+        if not self._model:
+            raise ClosedError("this model is closed")
+
     def close(self) -> None:
-        """Free the weights. Idempotent."""
+        """Free the weights, after closing every session still open on them. Idempotent.
+
+        Afterwards every method that needs the weights or the vocabulary (tokenize, detokenize,
+        metadata, session, ...) and every method of those sessions raises :class:`ClosedError`;
+        what was read at load (``path``, ``n_vocab``, ``architecture``, ...) stays readable.
+        """
         if getattr(self, "_model", None):
+            for cache, lock in list(self._contexts.items()):
+                with lock:  # waits for a step another thread is running on that session
+                    cache.close()
+            self._contexts.clear()
             C.llama_model_free(self._model)
             self._model = None
+
+    def _attach(self, cache, lock) -> None:
+        """Register a session's cache, to be closed (holding ``lock``) before the weights are freed."""
+        self._check_open()
+        self._contexts[cache] = lock
+
+    def _detach(self, cache) -> None:
+        self._contexts.pop(cache, None)
 
     def __enter__(self) -> "Model":
         return self
@@ -88,9 +129,13 @@ class Model:
         self.close()
 
     def session(self, **options) -> "Session":
-        """A new streaming session on this model; options as :class:`edgesink.Session`."""
+        """A new streaming session on this model; options as :class:`edgesink.Session`.
+
+        Closing the model closes its sessions first (their use then raises :class:`ClosedError`).
+        """
         from .session import Session
 
+        self._check_open()
         return Session(self, **options)
 
     # -- metadata -----------------------------------------------------------------------------
@@ -115,10 +160,8 @@ class Model:
 
     @property
     def sha256(self) -> str:
-        """The file's sha256, cached by path, size and modification time (hashing is slow for big files)."""
-        from .registry import cached_sha256
-
-        return cached_sha256(self.path)
+        """The sha256 of the file as it was loaded (computed at load: the file may since be gone)."""
+        return self._sha256
 
     @property
     def size_bytes(self) -> int:
@@ -138,11 +181,14 @@ class Model:
         user input can never inject control tokens; only chat templates pass ``special=True``.
         """
         if isinstance(text, str):
+            _check_tokenize_length(len(text))  # UTF-8 is never shorter: refuse before encoding
             data = text.encode("utf-8", errors="replace")
         elif isinstance(text, (bytes, bytearray, memoryview)):
+            _check_tokenize_length(memoryview(text).nbytes)  # before copying
             data = bytes(text)
         else:
             raise ValueError(f"tokenize takes str or bytes, got {type(text).__name__}")
+        _check_tokenize_length(len(data))
         n_max = len(data) + 2
         while True:
             buf = (C.llama_token * n_max)()
@@ -153,6 +199,7 @@ class Model:
 
     def token_bytes(self, token: int) -> bytes:
         """The raw bytes of one token (may be part of a multi-byte character)."""
+        self._check_open()  # even when remembered: a closed model answers nothing
         piece = self._piece_cache.get(token)
         if piece is None:
             self.check_token(token)
@@ -181,6 +228,21 @@ class Model:
     def check_token(self, token: int) -> None:
         if not 0 <= int(token) < self.n_vocab:
             raise ValueError(f"token id {token} is out of range: this model's vocabulary has {self.n_vocab} tokens")
+
+
+def _check_tokenize_length(n_bytes: int) -> None:
+    if n_bytes > MAX_TOKENIZE_BYTES:
+        raise TextTooLongError(f"cannot tokenize {n_bytes} bytes of text at once (llama.cpp's limit is "
+                               f"{MAX_TOKENIZE_BYTES}); split it, or stream it with Session.feed")
+
+
+def _file_identity(path: Path) -> tuple | None:
+    """What changes whenever a file's bytes do: device, inode, size, modification and change time."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def load(model: "str | os.PathLike | Model", **options) -> Model:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import operator
 import os
+import threading
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import wraps
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from ._native import C
-from .errors import UnsupportedModelError
+from .errors import ClosedError, UnsupportedModelError
 from .kvcache import CacheCounters, StreamCache, deferred_interrupt
 from .model import Model, load
 from .options import (cache_type, check_n_ctx, check_session_options, default_threads, kept_forward_mode, not_int,
@@ -26,6 +29,14 @@ from .policies import ContextPolicy, make_policy
 from .sampling import Sampler
 from .textstream import StopMatcher, Utf8Stream, text_pieces
 
+
+def _exclusive(method):
+    """Run ``method`` holding the session's lock: one thread at a time works on its llama.cpp context."""
+    @wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,16 @@ class Session:
             ``"kept-forward"`` or ``"window-back"``; see :mod:`edgesink.kvcache`.
         refresh_every: re-encode the kept tokens after this many shifts (kept-forward mode).
         rebase_every: move positions back after this many evicted tokens (default n_ctx).
+
+    Threads may share a session: a lock lets one call at a time work on its context. Each
+    ``feed``, ``score``, ``reset``, ``start_chat``, ``stats``... runs whole, so two threads feeding
+    get the same stream as feeding one after the other; a generator holds the lock for one token
+    at a time, so text another thread feeds between two tokens enters the stream there and the
+    generation continues after it.
+
+    After :meth:`close` (or closing the model, which closes its sessions first) every method that
+    needs the cache raises :class:`ClosedError`; ``n_ctx``, ``policy``, ``messages`` and the
+    like stay readable.
     """
 
     def __init__(self, model: "Model | str | os.PathLike", *, n_ctx: int = 2048,
@@ -85,11 +106,14 @@ class Session:
                  type_k: str = "f16", type_v: str = "f16", flash_attn: bool | None = None,
                  n_threads: int | None = None, shift_mode: str = "auto",
                  refresh_every: int = 128, rebase_every: int | None = None):
+        self._lock = threading.RLock()  # re-entrant: feed calls feed_tokens, start_chat calls reset...
+        self._stream: StreamCache | None = None
         check_session_options(policy, sinks=sinks, evict_chunk=evict_chunk, batch_size=batch_size,
                               n_threads=n_threads, flash_attn=flash_attn, refresh_every=refresh_every,
                               rebase_every=rebase_every)
         self._owns_model = not isinstance(model, Model)
         self.model = load(model)
+        self.model._check_open()
         try:
             self.policy = make_policy(policy, sinks=sinks, evict_chunk=evict_chunk) if isinstance(policy, str) else policy
             self.n_ctx = check_n_ctx(self.model, n_ctx, type_k, type_v)
@@ -98,8 +122,9 @@ class Session:
             rebase_every = n_ctx if rebase_every is None else rebase_every
             self.kept_forward = kept_forward_mode(shift_mode)
             params = self._context_params(type_k, type_v, flash_attn, n_threads)
-            self._cache = StreamCache(self.model, params, capacity=self.n_ctx, kept_forward=self.kept_forward,
-                                      rebase_every=rebase_every, refresh_every=refresh_every)
+            self._stream = StreamCache(self.model, params, capacity=self.n_ctx, kept_forward=self.kept_forward,
+                                       rebase_every=rebase_every, refresh_every=refresh_every)
+            self.model._attach(self._stream, self._lock)  # closing the model closes this cache first
         except BaseException:
             if self._owns_model:
                 self.model.close()
@@ -143,14 +168,30 @@ class Session:
 
     # -- lifetime ------------------------------------------------------------------------------
 
+    @property
+    def _cache(self) -> StreamCache:
+        """The stream's cache; ClosedError once this session or its model is closed."""
+        return self._check_open()
+
+    def _check_open(self) -> StreamCache:
+        cache = self._stream
+        if cache is None:
+            raise ClosedError("this session is closed")
+        if not cache.ctx:
+            raise ClosedError("this session is closed (its model was closed)")
+        return cache
+
     def close(self) -> None:
         """Free the cache (and the model, if this session loaded it). Idempotent."""
-        if getattr(self, "_cache", None) is not None:
-            self._cache.close()
-            self._cache = None
-        if getattr(self, "_owns_model", False) and self.model is not None:
-            self.model.close()
-            self.model = None
+        with getattr(self, "_lock", None) or nullcontext():  # waits for a step another thread is running
+            cache = getattr(self, "_stream", None)
+            if cache is not None:
+                self.model._detach(cache)
+                cache.close()
+                self._stream = None
+            if getattr(self, "_owns_model", False) and self.model is not None:
+                self.model.close()
+                self.model = None
 
     def __enter__(self) -> "Session":
         return self
@@ -161,6 +202,7 @@ class Session:
     def __del__(self):
         self.close()
 
+    @_exclusive
     def reset(self) -> None:
         """Forget the whole stream, its counters and rates; settings stay (and a chat's system prompt)."""
         self._cache.clear()
@@ -179,6 +221,7 @@ class Session:
 
     # -- chat ----------------------------------------------------------------------------------
 
+    @_exclusive
     def start_chat(self, system: str | None = None, *, keep_system: bool = True, template: str | None = None,
                    continue_stream: bool = False) -> None:
         """Begin a conversation.
@@ -194,6 +237,7 @@ class Session:
         """
         from .chat import Chat
 
+        self._check_open()
         continuing = continue_stream and self._cache.n_cached > 0
         chat = Chat(self, system=system, keep_system=keep_system, template=template)
         chat.check_system_fits(continuing)  # before the old conversation is touched
@@ -210,6 +254,7 @@ class Session:
         :meth:`start_chat` with ``continue_stream``). Generation settings as
         :meth:`stream_generate`; ``max_tokens`` defaults to 512.
         """
+        self._check_open()
         if self._chat is None:
             self.start_chat(continue_stream=True)
         generation.setdefault("max_tokens", 512)
@@ -230,6 +275,7 @@ class Session:
         """The conversation so far (empty outside chat)."""
         return [dict(m) for m in self._chat.messages] if self._chat else []
 
+    @_exclusive
     def pin_prefix(self, n_tokens: int) -> None:
         """Keep the first ``n_tokens`` of the stream for ever, like sinks (at least the policy's sinks).
 
@@ -276,6 +322,7 @@ class Session:
             return 0
         return self._tokens_seen - self._cache.n_window
 
+    @_exclusive
     def _drop_newest(self, n: int) -> None:
         """Take the ``n`` newest tokens out of the stream (a chat template rewrote them).
 
@@ -289,6 +336,7 @@ class Session:
 
     # -- feeding -------------------------------------------------------------------------------
 
+    @_exclusive
     def feed(self, text: "str | bytes") -> int:
         """Push text into the stream; returns the number of tokens consumed.
 
@@ -296,13 +344,16 @@ class Session:
         call. Text is tokenized in pieces split at whitespace, so memory stays bounded; special
         token strings (``<|im_start|>``...) stay literal text.
         """
+        self._check_open()
         n = 0
         for piece in self._text_pieces(text):
             n += self.feed_tokens(self.model.tokenize(piece))
         return n
 
+    @_exclusive
     def feed_tokens(self, tokens: Iterable[int]) -> int:
         """Push token ids into the stream; returns how many (with a BOS the model wants at the start)."""
+        self._check_open()
         tokens = self._checked_tokens(tokens)
         tokens = self._bos_prefix(tokens) + tokens
         start = time.perf_counter()
@@ -310,23 +361,27 @@ class Session:
         self._count(self._feed_time, len(tokens), start)
         return len(tokens)
 
+    @_exclusive
     def score(self, text: str) -> np.ndarray:
         """Per-token negative log-likelihood (natural log) of ``text``, fed exactly as :meth:`feed` would.
 
         Element i is the NLL of the text's i-th token given everything before it in the stream;
         NaN for a first token that has nothing before it.
         """
+        self._check_open()
         tokens: list[int] = []
         for piece in self._text_pieces(text):
             tokens += self.model.tokenize(piece)
         return self.score_tokens(tokens)
 
+    @_exclusive
     def score_tokens(self, tokens: Iterable[int], positions: Iterable[int] | None = None) -> np.ndarray:
         """NLL of each token as it is fed; only at ``positions`` (indices) if given, NaN elsewhere.
 
         Scoring a subset costs the same for the shifting policies, but for ``recompute`` only
         the scored positions are re-computed (the benchmark scores it on a uniform sample).
         """
+        self._check_open()
         tokens = self._checked_tokens(tokens)
         scored = np.ones(len(tokens), dtype=bool) if positions is None else _mask(positions, len(tokens))
         nll = np.full(len(tokens), np.nan)
@@ -451,6 +506,7 @@ class Session:
         ``max_tokens=None`` generates without end (the cache evicts as it goes). Sampling
         settings are those of :class:`SamplingParams` (temperature, top_k, top_p, min_p,
         repeat_penalty, seed). Ends at an end-of-generation token, a stop string or max_tokens.
+        Each token is one step under the session's lock (see :class:`Session` on threads).
         """
         if max_tokens is not None and (not_int(max_tokens) or max_tokens < 1):
             raise ValueError(f"max_tokens must be an integer >= 1 (or None for endless), got {max_tokens!r}")
@@ -461,22 +517,30 @@ class Session:
         n = 0
         with Sampler(params) as sampler:
             while max_tokens is None or n < max_tokens:
-                start = time.perf_counter()
-                self._ensure_context_logits()
-                token = sampler.sample(self._cache.ctx)
-                self._ingest([token], want=None)
-                self._count(self._gen_time, 1, start)
+                token, piece = self._generate_one(sampler)
                 n += 1
-                if self.model.is_end_of_generation(token):
-                    self.last_end_token_text = self.model.token_text(token)
+                if piece is None:
                     yield GenerationChunk(stops.flush() + utf8.flush(), None, "stop")
                     return
-                text, stopped = stops.push(utf8.push(self.model.token_bytes(token)))
+                text, stopped = stops.push(utf8.push(piece))
                 if stopped:
                     yield GenerationChunk(text, token, "stop_string")
                     return
                 yield GenerationChunk(text, token)
         yield GenerationChunk(stops.push(utf8.flush())[0] + stops.flush(), None, "length")
+
+    @_exclusive
+    def _generate_one(self, sampler: Sampler) -> tuple[int, bytes | None]:
+        """Sample a token and feed it: (token, its bytes), or (token, None) for an end-of-generation token."""
+        start = time.perf_counter()
+        self._ensure_context_logits()
+        token = sampler.sample(self._cache.ctx)
+        self._ingest([token], want=None)
+        self._count(self._gen_time, 1, start)
+        if self.model.is_end_of_generation(token):
+            self.last_end_token_text = self.model.token_text(token)
+            return token, None
+        return token, self.model.token_bytes(token)
 
     def generate(self, max_tokens: int | None = 200, *, stop: Iterable[str] = (), **sampling) -> Iterator[str]:
         """Text pieces as they are generated (see :meth:`stream_generate`)."""
@@ -490,17 +554,19 @@ class Session:
 
     # -- persistence ----------------------------------------------------------------------------
 
+    @_exclusive
     def save(self, path: "str | os.PathLike") -> None:
         """Save the session (cache, bookkeeping, conversation) to ``path`` atomically."""
         from .persistence import save_session
 
         save_session(self, path)
 
+    @_exclusive
     def load(self, path: "str | os.PathLike") -> None:
         """Replace this session's stream with one saved by :meth:`save` (same model and settings).
 
-        Raises :class:`edgesink.persistence.SessionFileError` naming the cause; the session is
-        then unchanged and usable.
+        Raises :class:`edgesink.SessionFileError` naming the cause; the session is then
+        unchanged and usable.
         """
         from .persistence import load_session
 
@@ -508,13 +574,19 @@ class Session:
 
     @classmethod
     def restore(cls, path: "str | os.PathLike", model: "Model | str | os.PathLike", **options) -> "Session":
-        """A new session continuing the stream saved at ``path``, with the settings it was saved with."""
-        from .persistence import read_session_file
+        """A new session continuing the stream saved at ``path``, with the settings it was saved with.
 
-        header, _ = read_session_file(path)
+        ``options`` override the saved ones that a session may change (``batch_size``,
+        ``refresh_every``, ``rebase_every``, ``shift_mode``) and add others (``n_threads``); with
+        the saved settings and as many threads, the new session continues exactly as the saved
+        one did: bitwise the same logits.
+        """
+        from .persistence import read_session_header
+
+        header = read_session_header(path)
         policy = header["policy"]
         settings = {"n_ctx": header["n_ctx"], "policy": policy["name"], "type_k": header["type_k"],
-                    "type_v": header["type_v"], **options}
+                    "type_v": header["type_v"], **header.get("options", {}), **options}
         if policy["name"] in ("sink", "halve"):
             settings.setdefault("sinks", policy["sinks"])
         if policy["name"] in ("sink", "window") and policy.get("evict_chunk"):
@@ -534,14 +606,14 @@ class Session:
             "tokens_seen": self._tokens_seen, "n_keep_target": self._n_keep_target,
             "pending_utf8": self._utf8_in.pending.hex(), "message_starts": list(self._message_starts),
             "last_end_token_text": self.last_end_token_text,
-            "counters": vars(cache.counters).copy(),
+            "counters": vars(cache.counters).copy(), "shifts_since_refresh": cache.shifts_since_refresh,
             "chat": None if chat is None else chat.saved_state(),
         }
 
     def _validate_saved_state(self, state: dict) -> None:
         """Raise SessionFileError unless every field :meth:`_apply_saved_state` reads is sound."""
         from .chat import saved_chat_problem
-        from .persistence import SessionFileError
+        from .errors import SessionFileError
 
         try:
             problem = self._saved_stream_problem(state) or saved_chat_problem(state["chat"], state["tokens_seen"])
@@ -578,6 +650,9 @@ class Session:
                         for k, v in counters.items())
                 and all(v >= 0 for v in counters.values())):
             return "counters"
+        since_refresh = state.get("shifts_since_refresh", 0)  # absent in files of older versions
+        if not (_is_int(since_refresh) and since_refresh >= 0):
+            return "shifts_since_refresh"
         return None
 
     def _apply_saved_state(self, state: dict) -> None:
@@ -589,6 +664,7 @@ class Session:
         cache.w0 = state["w0"]
         cache.has_logits = False
         cache.counters = CacheCounters(**state["counters"])
+        cache.shifts_since_refresh = state.get("shifts_since_refresh", 0)
         self._tokens_seen = state["tokens_seen"]
         self._n_keep_target = state["n_keep_target"]
         self._utf8_in = Utf8Stream(bytes.fromhex(state["pending_utf8"]))
@@ -597,9 +673,15 @@ class Session:
         self._last_logits = None
         self._chat = None if state["chat"] is None else Chat.from_saved(self, state["chat"])
 
+    def _forget_logits(self) -> None:
+        """Drop the newest token's logits, as a restore does: the next step decodes that token again, alone."""
+        self._cache.has_logits = False
+        self._last_logits = None
+
     # -- introspection ---------------------------------------------------------------------------
 
     @property
+    @_exclusive
     def stats(self) -> SessionStats:
         cache = self._cache
         c = cache.counters
@@ -614,13 +696,16 @@ class Session:
                    "rebuilds": c.rebuilds},
         )
 
+    @_exclusive
     def next_logits(self) -> np.ndarray:
         """A copy of the logits predicting the next token (computing them if the cache lacks them)."""
+        self._check_open()
         logits = self._current_logits()
         if logits is None:
             raise ValueError("the stream is empty: feed something first")
         return logits.copy()
 
+    @_exclusive
     def cached_tokens(self) -> list[int]:
         """The tokens in the cache, in stream order (kept first, then the window)."""
         return self._cache.tokens()

@@ -40,6 +40,18 @@ def model(model_path):
 
 
 @pytest.fixture(scope="session")
+def gemma():
+    """Gemma 3 270M, a real sliding-window (iSWA) model; `make test` fetches it, so it is never skipped."""
+    import edgesink
+    from edgesink.registry import load_registry
+
+    path = load_registry()["gemma3-270m"].local_path
+    assert path.exists(), "set-up fetches it: edgesink pull gemma3-270m"
+    with edgesink.load(path) as m:
+        yield m
+
+
+@pytest.fixture(scope="session")
 def prose() -> str:
     """Real long English prose (Jane Austen's novels), fetched by set-up."""
     from edgesink.corpus import austen_text

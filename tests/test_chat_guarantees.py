@@ -4,18 +4,15 @@ history, chat after a plain stream, /reset, and BOS for models that want one."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-import edgesink
 from edgesink.chat import TemplateRewriteError
 from edgesink.chat_cli import run_command
 from edgesink.errors import SystemPromptTooLongError
 
 SYSTEM = "You are a pirate. Always answer like a pirate."
-GEMMA = Path(__file__).resolve().parents[1] / "models" / "cache" / "gemma-3-270m-q4_k_m.gguf"
 
 
 def system_tokens(model, system=SYSTEM):
@@ -203,14 +200,6 @@ def test_a_rewrite_of_evicted_history_is_refused_clearly(model):
 
 
 # -- 8: BOS for models that want one ------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def gemma():
-    if not GEMMA.exists():
-        pytest.skip(f"{GEMMA.name} is not in models/cache")
-    with edgesink.load(GEMMA) as m:
-        yield m
-
 
 def test_a_fresh_stream_starts_with_bos_when_the_model_wants_one(gemma, model):
     assert gemma.add_bos and not model.add_bos

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,15 @@ EDGESINK = Path(sys.executable).with_name("edgesink")
 PROMPT = ">>> "
 
 
+def ctrl_c_as_at_a_terminal() -> None:
+    """In the child, before it starts: SIGINT acts as on a program started at a terminal.
+
+    A test run started in the background (``make test &``) inherits SIGINT ignored, and so would
+    the program: a Ctrl-C at its prompt would do nothing.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def spawn(*args: str):
     """The program in a terminal; if it stops answering, the test fails with every thread's stack."""
@@ -25,7 +35,7 @@ def spawn(*args: str):
     # PYTHONFAULTHANDLER: SIGABRT makes the child print where each thread is before it dies.
     env = dict(os.environ, TERM="dumb", PYTHONFAULTHANDLER="1")
     child = pexpect.spawn(str(EDGESINK), [*args, "--n-ctx", "256", "--threads", "1"], env=env,
-                          encoding="utf-8", timeout=90, dimensions=(24, 200))
+                          encoding="utf-8", timeout=90, dimensions=(24, 200), preexec_fn=ctrl_c_as_at_a_terminal)
     child.logfile_read = io.StringIO()  # everything it printed, for checks over the whole session
     try:
         yield child
@@ -86,6 +96,33 @@ def test_ctrl_c_at_the_prompt_and_ctrl_d_to_quit():
         child.expect(pexpect.EOF)
     assert child.exitstatus == 0
     assert "Traceback" not in child.logfile_read.getvalue()
+
+
+def test_a_ctrl_c_noted_before_the_prompt_waits_still_gets_through():
+    """A SIGINT that lands after readline has drawn the prompt, but before it waits for a key, is only
+    noted by Python: unless the wait is woken, readline waits for a key and the chat looks frozen.
+
+    ``_thread.interrupt_main()`` leaves exactly that state: a SIGINT noted, the wait not woken.
+    """
+    code = textwrap.dedent("""
+        import _thread, readline, threading
+        from edgesink.chat_cli import read_message
+        # Once the prompt is drawn, from another thread: note a SIGINT without waking the wait.
+        readline.set_pre_input_hook(lambda: threading.Timer(0.2, _thread.interrupt_main).start())
+        try:
+            read_message(">>> ")
+        except KeyboardInterrupt:
+            print("interrupted at the prompt")
+    """)
+    child = pexpect.spawn(sys.executable, ["-c", code], env=dict(os.environ, TERM="dumb"), encoding="utf-8",
+                          timeout=60, preexec_fn=ctrl_c_as_at_a_terminal)
+    try:
+        child.expect_exact(PROMPT)
+        child.expect_exact("interrupted at the prompt")  # 0.2 s, then at the wait's next wake-up
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
 
 
 def test_endless_generation_until_ctrl_c():

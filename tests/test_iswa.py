@@ -9,20 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import edgesink
 from edgesink._native import C
 
 N_CTX = 768  # larger than the 512-token sliding window, so both kinds of layers matter
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    from edgesink.registry import load_registry
-
-    path = load_registry()["gemma3-270m"].local_path
-    assert path.exists(), "set-up fetches it: edgesink pull gemma3-270m"
-    with edgesink.load(path) as m:
-        yield m
 
 
 @pytest.fixture(scope="module")
