@@ -44,10 +44,10 @@ def library_file() -> Path:
 
 
 def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """``base`` (default: this environment) with an absolute EDGESINK_LIB_PATH: the folder it names, or
-    else the folder of the very libllama this process loaded."""
+    """The environment of a child that loads libllama: with no ``base``, this one, naming the very
+    libllama this process loaded; a ``base`` that names a library folder keeps it, made absolute."""
     env = dict(os.environ if base is None else base)
-    named = env.get(_native.LIB_PATH_ENV)
+    named = env.get(_native.LIB_PATH_ENV) if base is not None else None
     env[_native.LIB_PATH_ENV] = str(Path(named).resolve()) if named else str(library_file().parent)
     return env
 

@@ -414,8 +414,7 @@ def probe_command(path: Path) -> list[str]:
 
 def probe_env() -> dict[str, str]:
     """The child's environment: the folder of the very libllama this process loaded, as an absolute path."""
-    return dict(child_env(), GGML_NO_BACKTRACE="1",  # an abort runs no debugger
-                EDGESINK_LIB_PATH=str(library_file().parent))
+    return dict(child_env(), GGML_NO_BACKTRACE="1")  # an abort runs no debugger
 
 
 def _log_reason(log: str) -> str:
@@ -427,18 +426,6 @@ def _log_reason(log: str) -> str:
             line = hits[-1] if marker != "error loading model:" else hits[0]
             return line.split("error loading model:")[-1].strip()[:300]
     return ""
-
-
-def check_model_file(path: "str | os.PathLike", *, probe: bool = True, sha256: str | None = None) -> GgufInfo:
-    """:func:`check_gguf`, then (once per file content) :func:`probe_load`.
-
-    ``sha256``: the file's hash when the caller has it already (else it is computed, cached).
-    """
-    path = Path(path)
-    info = check_gguf(path)
-    if probe:
-        probe_once(path, sha256 or file_sha256(path))
-    return info
 
 
 def probe_once(path: Path, sha256: str) -> None:
