@@ -40,6 +40,22 @@ def model(model_path):
 
 
 @pytest.fixture(scope="session")
+def random_model(tmp_path_factory, model_path):
+    """A random-weight F32 llama (tests/random_model.py) with the default model's vocabulary.
+
+    Nothing in it is quantized, so two equal computations agree to float precision, and an error
+    such as a key one position off stands far above the noise: on the real (quantized) model the
+    same error hides in ~0.5 of logit noise. Tests that must see such errors use this model.
+    """
+    import edgesink
+    from random_model import write_random_llama
+
+    path = write_random_llama(tmp_path_factory.mktemp("rand") / "rand.gguf", model_path)
+    with edgesink.load(path) as m:
+        yield m
+
+
+@pytest.fixture(scope="session")
 def gemma():
     """Gemma 3 270M, a real sliding-window (iSWA) model; `make test` fetches it, so it is never skipped."""
     import edgesink
