@@ -53,13 +53,13 @@ soft, hard = resource.getrlimit(resource.RLIMIT_AS)
 vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
 resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, hard))  # a template that allocates gigabytes fails here
 before = peak_kib()
-start = time.perf_counter()
+start = time.process_time()  # CPU time: a busy machine stretches the wall clock, not the work
 try:
     ChatTemplate(source).render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     error = None
 except TemplateRenderError as e:
     error = str(e)
-print(json.dumps({"error": error, "seconds": time.perf_counter() - start,
+print(json.dumps({"error": error, "seconds": time.process_time() - start,
                   "grew_mb": (peak_kib() - before) / 1024}))
 """
 
@@ -74,7 +74,7 @@ def test_hostile_template_is_refused_quickly_and_small(name):
     assert outcome["error"] is not None and "memory" not in outcome["error"], outcome
     assert ("ran away (the template" in outcome["error"] or "nests too deeply" in outcome["error"]
             or "characters long" in outcome["error"]), outcome
-    assert outcome["seconds"] < 10 and outcome["grew_mb"] < 200, outcome
+    assert outcome["seconds"] < 10 and outcome["grew_mb"] < 200, outcome  # CPU seconds: see CHILD
 
 
 def test_integers_stay_small():
