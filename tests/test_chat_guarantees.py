@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgesink.chat import TemplateRewriteError
-from edgesink.chat_cli import run_command
+from edgesink.cli.chat import run_command
 from edgesink.errors import SystemPromptTooLongError
 
 SYSTEM = "You are a pirate. Always answer like a pirate."
@@ -26,6 +26,28 @@ def window_starts_a_turn(model, session) -> bool:
     return session.cached_tokens()[kept:kept + 2] == model.tokenize("<|im_start|>user", special=True)
 
 
+def user_turn_start(model, session, tokens_before: int) -> int:
+    """The stream index where the user turn of the newest exchange begins (it is all cached)."""
+    new = session.cached_tokens()[tokens_before - session.stats.tokens_seen:]
+    marker = model.tokenize("<|im_start|>user", special=True)
+    return tokens_before + next(i for i in range(len(new)) if new[i:i + len(marker)] == marker)
+
+
+def assert_only_what_did_not_fit_left(session, user_starts: list[int], slack: int) -> None:
+    """A lower bound on the history kept: the cut moves to a turn, but no further than needed.
+
+    The newest turn that left the cache could not have stayed: from its start to the end of the
+    stream there are more tokens than the window holds, less ``slack``, what the policy evicts
+    at once beyond what is needed (chunk - 1; half the window for halve). An eviction that
+    dropped every older turn, or one turn too many, fails this.
+    """
+    st = session.stats
+    window_start = st.tokens_seen - (st.tokens_in_cache - st.tokens_kept)
+    gone = [start for start in user_starts if start < window_start]
+    if gone:
+        assert st.tokens_seen - gone[-1] > session.n_ctx - st.tokens_kept - slack, (gone[-1], window_start)
+
+
 # -- 7: evictions cut between turns, for every policy that evicts --------------------------------
 
 @pytest.mark.parametrize("options", [{"policy": "sink"}, {"policy": "window"}, {"policy": "halve"},
@@ -36,11 +58,15 @@ def test_the_window_starts_at_a_turn_after_every_turn(model, options):
     with model.session(n_ctx=n_ctx, n_threads=1, **options) as s:
         s.start_chat(SYSTEM)
         kept = system_tokens(model)
-        turn, long_turn_seen = 0, False
+        slack = {"halve": (n_ctx - len(kept)) // 2}.get(options["policy"], options.get("evict_chunk", 1) - 1)
+        turn, long_turn_seen, user_starts = 0, False, []
         while s.stats.tokens_seen < 5 * n_ctx:
             long_turn = turn == 6  # one message longer than the whole window
             message = " ".join(["word"] * (n_ctx + 20)) if long_turn else f"Question {turn}: " + "why " * (turn % 5)
+            before = s.stats.tokens_seen
             "".join(s.chat(message, max_tokens=4 if long_turn else n_ctx // 12, seed=turn))
+            # the long turn no longer sits whole in the cache: its call's start stands in (no later than its own)
+            user_starts.append(before if long_turn else user_turn_start(model, s, before))
             assert s.cached_tokens()[:len(kept)] == kept, turn  # the persona stays, whole
             assert s.stats.tokens_in_cache <= n_ctx
             if long_turn:  # the documented exception: the turn itself is cut from its oldest end
@@ -48,6 +74,7 @@ def test_the_window_starts_at_a_turn_after_every_turn(model, options):
                 long_turn_seen = True
             else:
                 assert window_starts_a_turn(model, s), (turn, model.detokenize(s.cached_tokens()[len(kept):][:8]))
+                assert_only_what_did_not_fit_left(s, user_starts, slack)
             turn += 1
         assert long_turn_seen and s.stats.evictions > 3 * n_ctx
 
@@ -66,7 +93,7 @@ def test_recompute_keeps_the_system_prompt_in_what_it_encodes(model):
             turn += 1
         assert s.stats.evictions > 4 * n_ctx and s.stats.tokens_kept == len(kept)
         logits = s.next_logits()
-        assert s._cache.llama_pos_range() == (0, s.stats.tokens_in_cache - 1)  # the whole cache was encoded
+        assert s.cache.llama_pos_range() == (0, s.stats.tokens_in_cache - 1)  # the whole cache was encoded
         # The same tokens encoded from scratch in one batch, as a rebuild does: the same logits.
         with model.session(n_ctx=n_ctx, policy="dense", batch_size=n_ctx, n_threads=1) as fresh:
             fresh.feed_tokens(s.cached_tokens())
