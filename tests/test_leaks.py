@@ -206,19 +206,19 @@ def test_ctrl_c_right_after_an_eviction_leaves_no_pending_shift(model, prose_tok
     """
     with model.session(n_ctx=64, n_threads=1, batch_size=4) as s:
         s.feed_tokens(prose_tokens[:200])
-        real_evict = s._cache.evict
+        real_evict = s.cache.evict
 
         def evict_then_ctrl_c(n):
             real_evict(n)
             if n:
                 os.kill(os.getpid(), signal.SIGINT)
 
-        s._cache.evict = evict_then_ctrl_c
+        s.cache.evict = evict_then_ctrl_c
         try:
             with pytest.raises(KeyboardInterrupt):
                 s.feed_tokens(prose_tokens[200:260])
         finally:
-            del s._cache.evict
+            del s.cache.evict
         check_real_cache(s)
         assert s.stats.tokens_seen == 204  # the batch under way was finished, then the interrupt came
         s.save(tmp_path / "s.session")
