@@ -1,23 +1,7 @@
-"""The stream's KV cache: a llama.cpp context plus the bookkeeping of which token sits where.
+"""The stream's KV cache: a llama.cpp context that carries out what the bookkeeping decides.
 
-Layout of sequence 0, in llama.cpp positions::
-
-    kept tokens        window tokens (oldest ... newest)
-    [w0 - n_kept, w0)  [w0, w0 + n_window)
-
-The kept tokens (attention sinks, or a pinned prompt) always sit just before the oldest window
-token. RoPE attention depends only on the distance between query and key, so this gives exactly
-StreamingLLM's scores (positions assigned within the cache) however many tokens were evicted.
-
-Evicting ``n`` window tokens is done one of two ways:
-
-* ``kept-forward`` (patched libllama): remove the cells, then move the few kept cells forward by
-  ``n``. The patched K-shift rotates only those cells. Positions grow, so every ``rebase_every``
-  evicted tokens the whole window moves back once; and since each shift re-rounds the stored
-  keys (F16 by default), the kept tokens are re-encoded fresh every ``refresh_every`` shifts.
-  They attend only to each other, so a fresh encoding is exact.
-* ``window-back`` (stock libllama, or asked for): remove the cells and move the whole window back
-  by ``n``, as llama.cpp does. A stock K-shift rotates every cell whatever moved.
+Which token sits at which position, and how eviction keeps positions consecutive (kept-forward
+or window-back), is :mod:`edgesink.layout`; this module runs its memory operations on llama.cpp.
 """
 
 from __future__ import annotations
@@ -26,14 +10,13 @@ import ctypes
 import signal
 import threading
 import time
-from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 
 from ._native import C
 from .errors import DecodeError
+from .layout import CacheLayout, EncodeKeptFresh, MemoryOp, Remove, Shift
 
 STREAM_SEQ = 0  # the stream lives in sequence 0
 SCRATCH_SEQ = 1  # kept tokens are re-encoded here, alone, then handed to sequence 0
@@ -66,29 +49,23 @@ def deferred_interrupt():
             signal.raise_signal(signal.SIGINT)
 
 
-@dataclass
-class CacheCounters:
-    """What the cache has done so far."""
-
-    evicted: int = 0  # tokens evicted
-    shifts: int = 0  # K-shift events (cells moved)
-    rebases: int = 0  # whole-window moves back to small positions
-    refreshes: int = 0  # fresh re-encodings of the kept tokens
-    rebuilds: int = 0  # full re-computations (recompute policy)
-    decode_seconds: float = 0.0
-    tokens_decoded: int = 0
+def _layout_view(name: str, doc: str) -> property:
+    """A read-only property showing the attribute ``name`` of the cache's layout."""
+    return property(lambda self: getattr(self.layout, name), doc=doc)
 
 
 class StreamCache:
-    """Owns one llama.cpp context and keeps ``kept + window`` in sync with it."""
+    """Owns one llama.cpp context and keeps it in sync with a :class:`~edgesink.layout.CacheLayout`.
+
+    The layout decides (``kept + window`` and their positions); this class decodes and carries out
+    the memory operations the layout returns, each change inside :func:`deferred_interrupt` so
+    that Ctrl-C never lands between the bookkeeping and llama.cpp's memory.
+    """
 
     def __init__(self, model, ctx_params, *, capacity: int, kept_forward: bool,
                  rebase_every: int, refresh_every: int):
         self.model = model
         self.capacity = capacity
-        self.kept_forward = kept_forward
-        self.rebase_every = rebase_every
-        self.refresh_every = refresh_every
         self.ctx = C.llama_init_from_model(model.handle, ctx_params)
         if not self.ctx:
             raise ValueError(
@@ -99,11 +76,7 @@ class StreamCache:
         self.n_batch = C.llama_n_batch(self.ctx)
         self._batch = C.llama_batch_init(self.n_batch, 0, 1)
         self._batch_views = self._make_batch_views()
-        self.kept: list[int] = []
-        self.window: deque[int] = deque()
-        self.w0 = 0
-        self.counters = CacheCounters()
-        self.shifts_since_refresh = 0  # K-shifts since the kept tokens were last encoded fresh
+        self.layout = CacheLayout(kept_forward=kept_forward, rebase_every=rebase_every, refresh_every=refresh_every)
         self.has_logits = False  # the context holds logits for the newest token
 
     def _make_batch_views(self):
@@ -122,27 +95,39 @@ class StreamCache:
             C.llama_free(self.ctx)
             self.ctx = None
 
-    # -- state --------------------------------------------------------------------------------
+    # -- state ------------------------------------------------------------------------------
 
-    @property
-    def n_kept(self) -> int:
-        return len(self.kept)
-
-    @property
-    def n_window(self) -> int:
-        return len(self.window)
-
-    @property
-    def n_cached(self) -> int:
-        return len(self.kept) + len(self.window)
-
-    @property
-    def next_pos(self) -> int:
-        return self.w0 + len(self.window)
+    # Read-only views of the layout: only the methods below change it, each with llama.cpp's memory.
+    kept = _layout_view("kept", "The kept tokens (sinks or a pinned prefix), oldest first.")
+    window = _layout_view("window", "The window tokens (a deque), oldest first.")
+    w0 = _layout_view("w0", "The position of the oldest window token.")
+    counters = _layout_view("counters", "What the cache has done so far (CacheCounters).")
+    shifts_since_refresh = _layout_view("shifts_since_refresh", "K-shifts since the kept tokens were encoded fresh.")
+    kept_forward = _layout_view("kept_forward", "Whether evictions move the kept tokens up (else the window back).")
+    rebase_every = _layout_view("rebase_every", "Kept-forward: how far the kept tokens may drift before a rebase.")
+    refresh_every = _layout_view("refresh_every", "Kept-forward: shifts after which the kept tokens are re-encoded.")
+    n_kept = _layout_view("n_kept", "How many tokens are kept.")
+    n_window = _layout_view("n_window", "How many tokens the window holds.")
+    n_cached = _layout_view("n_cached", "How many tokens the cache holds.")
+    next_pos = _layout_view("next_pos", "The position of the next token appended.")
 
     def tokens(self) -> list[int]:
         """The cached tokens in stream order."""
-        return self.kept + list(self.window)
+        return self.layout.tokens()
+
+    def state(self) -> dict:
+        """The bookkeeping as plain JSON-able data (see :meth:`CacheLayout.state`)."""
+        return self.layout.state()
+
+    def set_state(self, state: dict) -> None:
+        """Take over the bookkeeping of a :meth:`state` (checked by :func:`edgesink.layout.state_problem`).
+
+        llama.cpp's memory is not touched: the caller puts the matching cells in place. The
+        context's logits belong to no token of the new state, so they count as lost.
+        """
+        self.layout = CacheLayout.from_state(state, kept_forward=self.kept_forward, rebase_every=self.rebase_every,
+                                             refresh_every=self.refresh_every)
+        self.has_logits = False
 
     def llama_pos_range(self) -> tuple[int, int]:
         """(min, max) position of sequence 0 as llama.cpp reports it; (-1, -1) when empty."""
@@ -152,12 +137,8 @@ class StreamCache:
         """Empty the cache and start the counters afresh (a new stream)."""
         with deferred_interrupt():
             C.llama_memory_clear(self.mem, True)
-            self.kept.clear()
-            self.window.clear()
-            self.w0 = 0
-            self.shifts_since_refresh = 0
+            self.layout.clear()
             self.has_logits = False
-            self.counters = CacheCounters()
 
     # -- decoding -----------------------------------------------------------------------------
 
@@ -197,151 +178,91 @@ class StreamCache:
     def append(self, tokens, want_logits, n_keep_target: int) -> None:
         """Decode new tokens after the newest one; the first go to ``kept`` until it holds ``n_keep_target``."""
         with deferred_interrupt():
+            # Decoded before they are booked: a failed decode leaves the bookkeeping as it was.
             self.decode(tokens, self.next_pos, STREAM_SEQ, want_logits)
             self.has_logits = bool(want_logits[-1])
-            for t in tokens:
-                self._record(t, n_keep_target)
-
-    def _record(self, token: int, n_keep_target: int) -> None:
-        """Book a new newest token: kept while ``kept`` is short of its target and no window began."""
-        if len(self.kept) < n_keep_target and not self.window:
-            self.kept.append(token)
-            self.w0 += 1
-        else:
-            self.window.append(token)
+            self.layout.append(tokens, n_keep_target)
 
     def adopt_kept(self, n_keep: int) -> None:
         """Make the first ``n_keep`` cached tokens kept ones (e.g. a chat's system prompt), if cached yet."""
-        while len(self.kept) < n_keep and self.window:
-            self.kept.append(self.window.popleft())
-            self.w0 += 1
+        self.layout.adopt_kept(n_keep)
 
     def redecode_newest(self) -> None:
         """Decode the newest token again, with logits (when the context lost them, e.g. after a restore)."""
         with deferred_interrupt():
-            in_window = bool(self.window)
-            token = self.window.pop() if in_window else self.kept.pop()
-            if not in_window:
-                self.w0 -= 1
-            C.llama_memory_seq_rm(self.mem, STREAM_SEQ, self.next_pos, -1)
+            token = (self.window or self.kept)[-1]
+            in_kept = not self.window
+            self._run(self.layout.drop_newest(1))
             self.decode([token], self.next_pos, STREAM_SEQ, np.ones(1, dtype=np.int8))
-            if in_window:
-                self.window.append(token)
-            else:
-                self.kept.append(token)
-                self.w0 += 1
+            self.layout.push_newest(token, kept=in_kept)
             self.has_logits = True
 
     def drop_newest(self, n: int) -> None:
-        """Remove the ``n`` newest cached tokens (a chat template rewrote them), window first.
-
-        Kept tokens sit just before the window, so the newest ``n`` are always consecutive.
-        """
-        if not 0 <= n <= self.n_cached:
-            raise ValueError(f"cannot remove the {n} newest tokens from a cache of {self.n_cached}")
+        """Remove the ``n`` newest cached tokens (a chat template rewrote them), window first."""
         with deferred_interrupt():
-            C.llama_memory_seq_rm(self.mem, STREAM_SEQ, self.next_pos - n, -1)
-            from_window = min(n, len(self.window))
-            for _ in range(from_window):
-                self.window.pop()
-            for _ in range(n - from_window):
-                self.kept.pop()
-                self.w0 -= 1
+            self._run(self.layout.drop_newest(n))
             self.has_logits = False
 
     # -- eviction -----------------------------------------------------------------------------
 
     def evict(self, n: int) -> None:
-        """Drop the ``n`` oldest window tokens, keeping positions consecutive."""
-        if n <= 0:
-            return
-        if n > len(self.window):
-            raise ValueError(f"cannot evict {n} tokens from a window of {len(self.window)}")
+        """Drop the ``n`` oldest window tokens, keeping positions consecutive (see :mod:`edgesink.layout`)."""
         with deferred_interrupt():
-            C.llama_memory_seq_rm(self.mem, STREAM_SEQ, self.w0, self.w0 + n)
-            for _ in range(n):
-                self.window.popleft()
-            self.counters.evicted += n
-            if self.kept_forward:
-                if self.kept:
-                    C.llama_memory_seq_add(self.mem, STREAM_SEQ, self.w0 - len(self.kept), self.w0, n)
-                    self._count_shift()
-                self.w0 += n
-            else:
-                C.llama_memory_seq_add(self.mem, STREAM_SEQ, self.w0 + n, -1, -n)
-                self._count_shift()
-        if self.kept_forward:
-            self._maintain_positions()
-
-    def _count_shift(self) -> None:
-        self.counters.shifts += 1
-        self.shifts_since_refresh += 1
-
-    def _maintain_positions(self) -> None:
-        """Keep positions small and the kept keys fresh (kept-forward mode only)."""
-        if self.w0 - len(self.kept) >= self.rebase_every:
-            self.rebase()
-        elif self.kept and self.shifts_since_refresh >= self.refresh_every:
-            self.refresh_kept()
+            self._run(self.layout.evict(n))
 
     def rebase(self) -> None:
         """Move the whole window back so the kept tokens start at position 0 again."""
-        n_kept = len(self.kept)
-        delta = self.w0 - n_kept
-        if delta == 0:
-            return
         with deferred_interrupt():
-            # The kept cells go first: once the window moves back it overlaps their old positions.
-            C.llama_memory_seq_rm(self.mem, STREAM_SEQ, self.w0 - n_kept, self.w0)
-            C.llama_memory_seq_add(self.mem, STREAM_SEQ, self.w0, -1, -delta)
-            self.w0 = n_kept
-            self._encode_kept_fresh()
-            self.counters.rebases += 1
-            self.has_logits = False
+            self._run(self.layout.rebase())
 
     def refresh_kept(self) -> None:
         """Re-encode the kept tokens at their current positions, discarding the rounding of past shifts."""
         with deferred_interrupt():
-            C.llama_memory_seq_rm(self.mem, STREAM_SEQ, self.w0 - len(self.kept), self.w0)
-            self._encode_kept_fresh()
-            self.counters.refreshes += 1
-            self.has_logits = False
+            self._run(self.layout.refresh_kept())
 
-    def _encode_kept_fresh(self) -> None:
+    def _run(self, ops: list[MemoryOp]) -> None:
+        """Carry out the layout's memory operations on the stream's sequence, in order."""
+        for op in ops:
+            if isinstance(op, Remove):
+                C.llama_memory_seq_rm(self.mem, STREAM_SEQ, op.p0, op.p1)
+            elif isinstance(op, Shift):
+                C.llama_memory_seq_add(self.mem, STREAM_SEQ, op.p0, op.p1, op.delta)
+            elif isinstance(op, EncodeKeptFresh):
+                self._encode_fresh(op)
+            else:
+                raise TypeError(f"unknown memory operation {op!r}")
+
+    def _encode_fresh(self, op: EncodeKeptFresh) -> None:
         # Decoded alone in a scratch sequence, the kept tokens attend only to each other (as
         # they did when first seen), then the cells are handed over to the stream's sequence.
-        pos0 = self.w0 - len(self.kept)
-        for start in range(0, len(self.kept), self.n_batch):
-            chunk = self.kept[start:start + self.n_batch]
-            self.decode(chunk, pos0 + start, SCRATCH_SEQ, np.zeros(len(chunk), dtype=np.int8))
+        for start in range(0, len(op.tokens), self.n_batch):
+            chunk = op.tokens[start:start + self.n_batch]
+            self.decode(chunk, op.pos0 + start, SCRATCH_SEQ, np.zeros(len(chunk), dtype=np.int8))
         C.llama_memory_seq_cp(self.mem, SCRATCH_SEQ, STREAM_SEQ, -1, -1)
         C.llama_memory_seq_rm(self.mem, SCRATCH_SEQ, -1, -1)
-        self.shifts_since_refresh = 0
+        self.has_logits = False  # the scratch decodes replaced the context's outputs
 
     # -- re-computation -----------------------------------------------------------------------
 
     def drop_oldest(self, n: int) -> None:
         """Forget the ``n`` oldest window tokens without touching llama.cpp (recompute policy)."""
-        for _ in range(n):
-            self.window.popleft()
-        self.counters.evicted += n
+        self.layout.drop_oldest(n)
         self.has_logits = False
 
     def push_uncomputed(self, token: int, n_keep_target: int) -> None:
         """Record a token whose KV is not computed yet (recompute policy); kept first, as :meth:`append`."""
-        self._record(token, n_keep_target)
+        self.layout.record(token, n_keep_target)
         self.has_logits = False
 
     def rebuild(self) -> None:
         """Re-encode the kept tokens and the window from position 0, with logits for the newest token."""
         with deferred_interrupt():
             C.llama_memory_clear(self.mem, True)
-            tokens = self.kept + list(self.window)
-            self.w0 = len(self.kept)
+            tokens = self.tokens()
+            self.layout.restart_positions()
             for start in range(0, len(tokens), self.n_batch):
                 chunk = tokens[start:start + self.n_batch]
                 want = np.zeros(len(chunk), dtype=np.int8)
                 want[-1] = start + len(chunk) == len(tokens)
                 self.decode(chunk, start, STREAM_SEQ, want)
-            self.counters.rebuilds += 1
             self.has_logits = True

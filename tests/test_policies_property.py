@@ -1,15 +1,18 @@
-"""Property tests for the context policies (Hypothesis).
+"""Property tests for the context policies and the cache layout (Hypothesis).
 
-Most need no model: the policies only decide how many of the oldest window tokens leave, so the
-cache is simulated here exactly as the Session drives it (batches, eviction, then append; kept
-tokens first; positions assigned within the cache, in both shift modes). One test drives the real
-llama.cpp cache of a small session and compares its positions with the bookkeeping.
+Most need no model: the policies decide how many of the oldest window tokens leave, and the real
+:class:`~edgesink.layout.CacheLayout` is driven exactly as the Session drives it (batches,
+eviction, then append; kept tokens first; both shift modes, with rebases and refreshes). Where
+its tokens sit is checked on a small model of llama.cpp's cells, moved only by the memory
+operations the layout returns. One test drives the real llama.cpp cache of a small session and
+compares its positions with the bookkeeping.
 """
 
 from __future__ import annotations
 
+import json
 import struct
-from collections import deque
+from dataclasses import dataclass, field, replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,6 +21,7 @@ from hypothesis import strategies as st
 from edgesink import ContextFullError
 from edgesink._native import C
 from edgesink.kvcache import STREAM_SEQ
+from edgesink.layout import CacheLayout, EncodeKeptFresh, Remove, Shift, state_problem
 from edgesink.persistence import _sequence_state
 from edgesink.policies import Dense, Halve, Recompute, Sink, Window
 
@@ -79,97 +83,211 @@ def test_validate_accepts_exactly_the_workable_settings(capacity, sinks, chunk, 
     assert accepted == workable
 
 
-# -- whole streams, simulated ---------------------------------------------------------------------------
+# -- whole streams, on the real layout ----------------------------------------------------------------
 
-class SimulatedCache:
-    """The Session's bookkeeping and llama.cpp's positions, without llama.cpp.
 
-    ``pos`` maps each cached stream index to its llama.cpp position, moved exactly as
-    StreamCache moves cells in its two modes (kept-forward with rebases, or window-back).
+class LlamaCells:
+    """llama.cpp's cells of the stream's sequence, as far as positions go: ``[token, position]`` pairs.
+
+    Changed only as llama.cpp changes them: a decode adds cells, and the layout's operations
+    remove (seq_rm), move (seq_add) or re-encode (scratch decode + seq_cp) them. A list, not a
+    dict, so a cell left behind by a missing removal shows up as a duplicate.
     """
 
-    def __init__(self, capacity: int, n_keep: int, kept_forward: bool, rebase_every: int):
-        self.capacity, self.n_keep, self.kept_forward, self.rebase_every = capacity, n_keep, kept_forward, rebase_every
-        self.kept: list[int] = []
-        self.window: deque[int] = deque()
-        self.pos: dict[int, int] = {}
-        self.w0 = 0
-        self.seen = 0
+    def __init__(self):
+        self.cells: list[list[int]] = []
 
-    def evict(self, n: int) -> None:
-        for _ in range(n):
-            del self.pos[self.window.popleft()]
-        if self.kept_forward:
-            for t in self.kept:
-                self.pos[t] += n
-            self.w0 += n
-            if self.w0 - len(self.kept) >= self.rebase_every:  # rebase: everything moves back
-                delta = self.w0 - len(self.kept)
-                for t in self.pos:
-                    self.pos[t] -= delta
-                self.w0 = len(self.kept)
-        else:
-            for t in self.window:
-                self.pos[t] -= n
+    def decode(self, tokens, pos0: int) -> None:
+        self.cells += [[t, pos0 + i] for i, t in enumerate(tokens)]
 
-    def append(self, n: int) -> None:
-        for _ in range(n):
-            t = self.seen
-            self.pos[t] = self.w0 + len(self.window)
-            if len(self.kept) < self.n_keep and not self.window:
-                self.kept.append(t)
-                self.w0 += 1
+    def apply(self, ops) -> None:
+        for op in ops:
+            if isinstance(op, Remove):
+                self.cells = [c for c in self.cells if not _in_range(c[1], op.p0, op.p1)]
+            elif isinstance(op, Shift):
+                for c in self.cells:
+                    if _in_range(c[1], op.p0, op.p1):
+                        c[1] += op.delta
+                self.cells = [c for c in self.cells if c[1] >= 0]  # llama.cpp drops cells moved below 0
             else:
-                self.window.append(t)
-            self.seen += 1
+                assert isinstance(op, EncodeKeptFresh)
+                self.decode(op.tokens, op.pos0)
+
+    def in_order(self) -> tuple[list[int], list[int]]:
+        """The cached tokens by position, and their positions."""
+        cells = sorted(self.cells, key=lambda c: c[1])
+        return [t for t, _ in cells], [p for _, p in cells]
 
 
-def run_stream(policy, capacity, batch, feeds, kept_forward, rebase_every):
-    cache = SimulatedCache(capacity, policy.sinks, kept_forward, rebase_every)
-    for size in feeds:
-        for start in range(0, size, batch):
-            b = min(batch, size - start)
-            n = policy.evictions(capacity, len(cache.kept), len(cache.window), b)
-            cache.evict(n)
-            cache.append(b)
-            yield cache
+def _in_range(pos: int, p0: int, p1: int) -> bool:
+    return max(p0, 0) <= pos and (p1 < 0 or pos < p1)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(configs(policies=("sink", "window", "halve", "recompute")), st.lists(st.integers(1, 200), max_size=12),
-       st.booleans(), st.integers(1, 300))
-def test_any_stream_keeps_sinks_and_the_most_recent_tokens(config, feeds, kept_forward, rebase_every):
+@dataclass
+class Stream:
+    """A layout driven as the Session drives it, the stream it has seen, and llama.cpp's cells."""
+
+    policy: object
+    capacity: int
+    batch: int
+    layout: CacheLayout
+    keep_target: int = 0
+    stream: list[int] = field(default_factory=list)  # every token still in the stream, in order
+    cells: LlamaCells = field(default_factory=LlamaCells)
+    next_token: int = 0  # tokens are unique ids, never reused
+    evicted_any: bool = False
+    peak: int = 0  # the longest the stream has been
+
+    def feed(self, size: int) -> None:
+        """``size`` new tokens, in batches: the policy's evictions, then the batch (Session._ingest)."""
+        for start in range(0, size, self.batch):
+            b = min(self.batch, size - start)
+            if self.policy.recomputes:
+                for _ in range(b):
+                    self._push_uncomputed()
+            else:
+                n = self.policy.evictions(self.capacity, self.layout.n_kept, self.layout.n_window, b)
+                self.cells.apply(self.layout.evict(n))
+                tokens = self._new_tokens(b)
+                self.cells.decode(tokens, self.layout.next_pos)
+                self.layout.append(tokens, self.keep_target)
+                self.evicted_any |= n > 0
+                check_bookkeeping(self, evicted_now=n)
+        if self.policy.recomputes and self.layout.n_cached:
+            self.rebuild()  # as the Session does when it needs the newest logits
+
+    def _push_uncomputed(self) -> None:
+        """One token of the recompute policy (Session._ingest_recomputing): no llama.cpp change."""
+        n = self.policy.evictions(self.capacity, self.layout.n_kept, self.layout.n_window, 1)
+        self.layout.drop_oldest(n)
+        self.layout.record(self._new_tokens(1)[0], self.keep_target)
+        self.evicted_any |= n > 0
+        check_bookkeeping(self, evicted_now=n)
+
+    def rebuild(self) -> None:
+        """Everything encoded again from position 0 (StreamCache.rebuild)."""
+        self.cells = LlamaCells()
+        self.cells.decode(self.layout.tokens(), 0)
+        self.layout.restart_positions()
+
+    def _new_tokens(self, n: int) -> list[int]:
+        tokens = list(range(self.next_token, self.next_token + n))
+        self.next_token += n
+        self.stream += tokens
+        self.peak = max(self.peak, len(self.stream))
+        return tokens
+
+    def drop_newest(self, n: int) -> None:
+        """Session.drop_newest, within first_removable: the whole cache until an eviction, then the window."""
+        n = min(n, self.layout.n_window if self.evicted_any else self.layout.n_cached)
+        self.cells.apply(self.layout.drop_newest(n))
+        del self.stream[len(self.stream) - n:]
+
+    def pin(self, n_tokens: int) -> None:
+        """Session.pin_prefix, where it is allowed: before any eviction, leaving room for a batch
+        (and only ever a longer prefix, so the kept tokens are always the first ``keep_target``)."""
+        target = max(self.policy.sinks, n_tokens)
+        if (self.evicted_any or not self.policy.evicts or target + self.batch > self.capacity
+                or target <= self.keep_target):
+            return
+        self.keep_target = target
+        self.layout.adopt_kept(target)
+
+    def run(self, op: tuple[str, int]) -> None:
+        """Carry out one generated operation, then check the invariants."""
+        kind, n = op
+        {"feed": self.feed, "drop": self.drop_newest, "pin": self.pin}[kind](n)
+        check_bookkeeping(self)
+        if not self.policy.recomputes or kind == "feed":
+            check_positions(self)
+
+
+def check_bookkeeping(s: Stream, evicted_now: int = 0) -> None:
+    """Kept are the stream's first tokens, the window its most recent, and the cache never overflows."""
+    layout = s.layout
+    assert layout.n_cached <= s.capacity  # never more than n_ctx cells
+    assert layout.kept == s.stream[:min(s.keep_target, len(s.stream))]  # the sinks are the first tokens
+    assert list(layout.window) == s.stream[len(s.stream) - layout.n_window:]  # the most recent ones
+    if s.peak <= s.capacity:
+        assert layout.n_cached == len(s.stream)  # nothing evicted before the cache is full
+        assert layout.counters.evicted == 0
+    if evicted_now and isinstance(s.policy, (Sink, Recompute)):
+        # Sink, window and recompute evict no more than makes room (in whole chunks): the window
+        # stays as full as the batch allows.
+        chunk = getattr(s.policy, "evict_chunk", 1)
+        assert layout.n_cached >= s.capacity - chunk + 1
+
+
+def check_positions(s: Stream) -> None:
+    """llama.cpp's cells hold exactly the cached tokens, at consecutive positions in stream order, small."""
+    layout = s.layout
+    tokens, positions = s.cells.in_order()
+    assert tokens == layout.tokens()
+    if not tokens:
+        return
+    first = layout.w0 - layout.n_kept  # where the bookkeeping says the kept tokens start
+    assert positions == list(range(first, first + layout.n_cached))
+    assert first >= 0
+    assert positions[-1] < (layout.rebase_every if layout.kept_forward else 0) + s.capacity + s.batch
+
+
+def stream_ops():
+    """Feeds, with now and then a template's rewrite (drop_newest) or a pinned prefix (adopt_kept)."""
+    return st.lists(st.one_of(st.tuples(st.just("feed"), st.integers(1, 200)),
+                              st.tuples(st.just("drop"), st.integers(0, 40)),
+                              st.tuples(st.just("pin"), st.integers(0, 40))), max_size=14)
+
+
+def new_stream(config, kept_forward: bool, rebase_every: int, refresh_every: int) -> Stream:
     policy, capacity, batch = config
-    for cache in run_stream(policy, capacity, batch, feeds, kept_forward, rebase_every):
-        seen = cache.seen
-        n_cached = len(cache.kept) + len(cache.window)
-        assert n_cached <= capacity  # never more than n_ctx cells
-        assert cache.kept == list(range(min(policy.sinks, seen)))  # the sinks are the first tokens
-        assert list(cache.window) == list(range(seen - len(cache.window), seen))  # the most recent ones
-        if seen <= capacity:
-            assert n_cached == seen  # nothing evicted before the cache is full
-        # Positions consecutive, in stream order: kept just before the oldest window token.
-        positions = [cache.pos[t] for t in cache.kept + list(cache.window)]
-        assert positions == list(range(positions[0], positions[0] + n_cached))
-        assert positions[0] >= 0 and positions[-1] < rebase_every + capacity + batch  # and small
-    if feeds and isinstance(policy, (Sink, Recompute)):
-        # Sink, window and recompute keep the window as full as the batch allows.
-        if cache.seen >= capacity:
-            chunk = getattr(policy, "evict_chunk", 1)
-            assert len(cache.kept) + len(cache.window) >= capacity - chunk - batch + 1
+    layout = CacheLayout(kept_forward=kept_forward, rebase_every=rebase_every, refresh_every=refresh_every)
+    return Stream(policy, capacity, batch, layout, keep_target=policy.sinks)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs(policies=("sink", "window", "halve", "recompute")), stream_ops(), st.booleans(),
+       st.integers(1, 300), st.integers(1, 8))
+def test_any_stream_keeps_sinks_and_the_most_recent_tokens(config, ops, kept_forward, rebase_every, refresh_every):
+    s = new_stream(config, kept_forward, rebase_every, refresh_every)
+    for op in ops:
+        s.run(op)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs(policies=("sink", "window", "halve")), stream_ops(), stream_ops(), st.booleans(),
+       st.integers(1, 300), st.integers(1, 8))
+def test_a_restored_state_carries_on_as_the_original(config, before, after, kept_forward, rebase_every,
+                                                     refresh_every):
+    s = new_stream(config, kept_forward, rebase_every, refresh_every)
+    for op in before:
+        s.run(op)
+    state = json.loads(json.dumps(s.layout.state()))  # as a session file stores it
+    assert state_problem(state, n_ctx=s.capacity, n_vocab=s.next_token + 1) is None
+    restored = CacheLayout.from_state(state, kept_forward=kept_forward, rebase_every=rebase_every,
+                                      refresh_every=refresh_every)
+    assert restored.state() == s.layout.state()
+    cells = LlamaCells()
+    cells.cells = [list(c) for c in s.cells.cells]
+    twin = replace(s, layout=restored, stream=list(s.stream), cells=cells)
+    for op in after:  # the same decisions, the same memory operations, from then on
+        s.run(op)
+        twin.run(op)
+        assert twin.layout.state() == s.layout.state()
+        assert twin.cells.cells == s.cells.cells
 
 
 @given(st.integers(2, 64), st.lists(st.integers(1, 50), max_size=8))
 def test_dense_fills_and_then_refuses(capacity, feeds):
-    policy, cache = Dense(), SimulatedCache(capacity, 0, False, 10**9)
+    policy, layout, seen = Dense(), CacheLayout(kept_forward=False, rebase_every=10**9, refresh_every=1), 0
     for size in feeds:
-        if cache.seen + size > capacity:
+        if seen + size > capacity:
             with pytest.raises(ContextFullError):
-                policy.evictions(capacity, 0, len(cache.window), size)
+                policy.evictions(capacity, 0, layout.n_window, size)
             return
-        policy.evictions(capacity, 0, len(cache.window), size)
-        cache.append(size)
-    assert len(cache.window) == cache.seen <= capacity
+        policy.evictions(capacity, 0, layout.n_window, size)
+        layout.append(range(seen, seen + size), 0)
+        seen += size
+    assert layout.n_window == seen <= capacity
 
 
 # -- the real cache -------------------------------------------------------------------------------------
@@ -180,7 +298,7 @@ def _cell_count(session) -> int:
 
 
 def check_real_cache(session) -> None:
-    cache = session._cache
+    cache = session.cache
     first = cache.w0 - cache.n_kept
     last = cache.w0 + cache.n_window - 1
     assert (C.llama_memory_seq_pos_min(cache.mem, STREAM_SEQ), C.llama_memory_seq_pos_max(cache.mem, STREAM_SEQ)) == (
@@ -213,7 +331,7 @@ def test_real_cache_positions_agree_with_the_bookkeeping(model, prose_tokens, se
             else:
                 s.generate_text(min(n, 6), seed=n, top_k=5)
             check_real_cache(s)
-            kept = s.cached_tokens()[:s._cache.n_kept]
+            kept = s.cached_tokens()[:s.cache.n_kept]
             if sinks_seen is not None:
                 assert kept == sinks_seen  # once complete, the sinks never change
             elif len(kept) == s.policy.sinks:
