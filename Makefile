@@ -15,6 +15,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 NATIVE_INPUTS := CMakeLists.txt pyproject.toml native/upstream.json native/upstream.py native/edgesink.c \
                  native/include/edgesink.h $(wildcard native/patches/*.patch) models/registry.json
 BUILD_OPTIONS := $(VENV)/.cmake-args
+MODULE_LIST   := $(VENV)/.edgesink-modules
 ISWA_MODEL    := models/cache/gemma-3-270m-q4_k_m.gguf
 CORPUS        := benchmarks/.cache/austen.txt
 STOCK_LIB     := build/stock/lib/libllama.so
@@ -47,9 +48,14 @@ $(VENV)/.bindings-installed: native/upstream.json | $(VENV)/bin/python
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF" $(PIP) install --no-build-isolation "$$($(PY) native/upstream.py sdist)"
 	touch $@
 
-$(VENV)/.edgesink-installed: $(VENV)/.bindings-installed $(NATIVE_INPUTS) $(BUILD_OPTIONS)
+$(VENV)/.edgesink-installed: $(VENV)/.bindings-installed $(NATIVE_INPUTS) $(BUILD_OPTIONS) $(MODULE_LIST)
 	$(PIP) install --no-build-isolation -e .
 	touch $@
+
+# The editable install maps each module's name to its file when it is made: a module added, moved
+# or removed since then needs a fresh install. This list changes (and so triggers one) only then.
+$(MODULE_LIST): FORCE | $(VENV)/bin/python
+	@find edgesink -name '*.py' | LC_ALL=C sort > $@.new; cmp -s $@.new $@ || mv $@.new $@; rm -f $@.new
 
 # CMAKE_ARGS (e.g. -DGGML_CUDA=on) is part of what the native build is made of: a new value
 # re-builds from an empty build folder, since CMake's cache would keep options no longer asked for.

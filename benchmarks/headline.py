@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 import edgesink
-from edgesink import _native
+from edgesink import bindings
 from edgesink.bench.machine import publish
 from edgesink.corpus import austen_text
 
@@ -49,7 +49,7 @@ def quality(model, n_ctx, n_tokens, n_sample):
 
 def _graphs_reused(ctx) -> int:
     """How many decodes of this context reused the previous compute graph (llama_perf_context's n_reused)."""
-    return int(edgesink._native.C.llama_perf_context(ctx).n_reused)
+    return int(bindings.C.llama_perf_context(ctx).n_reused)
 
 
 def latency(model, n_ctx, steps):
@@ -59,21 +59,19 @@ def latency(model, n_ctx, steps):
         with model.session(n_ctx=n_ctx, shift_mode=mode, batch_size=64, refresh_every=10**9, rebase_every=10**9,
                            n_threads=THREADS) as s:
             s.feed_tokens(tokens[:n_ctx])
-            cache, dense, evict = s._cache, [], []
+            cache, dense, evict = s.cache, [], []
             reused = {"dense": 0, "evict": 0}  # steps whose compute graph llama.cpp reused instead of building it
             for i in range(steps):
-                # dense step at the same fill: drop the newest cell, decode a token in its place
-                newest = cache.window.pop()
-                edgesink._native.C.llama_memory_seq_rm(cache.mem, 0, cache.next_pos, -1)
+                # dense step at the same fill: the newest token decoded again in its own cell, nothing evicted
                 before = _graphs_reused(cache.ctx)
-                t = time.perf_counter(); cache.append([newest], np.ones(1, np.int8), 4); dense.append(time.perf_counter() - t)
+                t = time.perf_counter(); cache.redecode_newest(); dense.append(time.perf_counter() - t)
                 reused["dense"] += _graphs_reused(cache.ctx) - before
                 before = _graphs_reused(cache.ctx)
                 t = time.perf_counter(); s.feed_tokens([tokens[n_ctx + i]]); evict.append(time.perf_counter() - t)
                 reused["evict"] += _graphs_reused(cache.ctx) - before
             out[mode] = {"evict_ms": statistics.median(evict) * 1e3, "dense_ms": statistics.median(dense) * 1e3,
                          "graphs_reused_dense": reused["dense"], "graphs_reused_evict": reused["evict"]}
-    return {"n_ctx": n_ctx, "patch_level": _native.patch_level(), **out}
+    return {"n_ctx": n_ctx, "patch_level": bindings.patch_level(), **out}
 
 
 def main():
@@ -94,7 +92,7 @@ def main():
             for n in args.n_ctx.split(",")]
     command = "python benchmarks/headline.py " + " ".join(sys.argv[1:])
     publish({"command": command, "steps": args.steps if args.what == "latency" else None, "threads": args.threads,
-             "library": str(_native.LIBRARY_FOLDER), "runs": runs}, args.json)
+             "library": str(bindings.LIBRARY_FOLDER), "runs": runs}, args.json)
 
 
 if __name__ == "__main__":

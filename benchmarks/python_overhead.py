@@ -20,7 +20,7 @@ import statistics
 import time
 
 import edgesink
-from edgesink._native import C
+from edgesink.bindings import C
 from edgesink.bench.machine import publish
 from edgesink.corpus import austen_text
 from edgesink.sampling import Sampler, SamplingParams
@@ -33,7 +33,7 @@ NATIVE_CALLS = ("llama_decode", "llama_sampler_sample", "llama_sampler_accept", 
 
 def raw_feed(session, tokens, batch_size) -> float:
     """Feed like the Session does (evict, move the kept cells forward, decode), with bare bindings."""
-    cache = session._cache
+    cache = session.cache
     ctx, mem, n_ctx = cache.ctx, cache.mem, session.n_ctx
     batch = C.llama_batch_init(batch_size, 0, 1)
     w0, n_window = N_KEPT, -N_KEPT  # the first batch's first tokens become the kept ones
@@ -122,7 +122,7 @@ def accounted_python_ms(session, n) -> dict:
 
 def raw_generate_step_times(session, n) -> list[float]:
     """Sample, evict one token moving the kept cells forward, decode: the Session's step, bare."""
-    cache = session._cache
+    cache = session.cache
     ctx, mem = cache.ctx, cache.mem
     batch = C.llama_batch_init(1, 0, 1)
     times = []

@@ -10,27 +10,34 @@
 
 from .errors import (
     ClosedError,
+    ContextCreationError,
     ContextFullError,
+    CorpusError,
     DecodeError,
     EdgesinkError,
     ModelLoadError,
     ModelNotFoundError,
     SessionFileError,
     SessionSaveError,
+    SettingsError,
+    SystemPromptTooLongError,
+    TemplateRenderError,
+    TemplateRewriteError,
     TextTooLongError,
     UnsupportedModelError,
 )
-from .model import Model, load
+from .loading import load
+from .model import Model
 from .policies import POLICY_NAMES, ContextPolicy, Dense, Halve, Recompute, Sink, Window, make_policy
 from .sampling import SamplingParams
+from .config import SessionConfig
 from .session import GenerationChunk, Session, SessionStats
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
-    "ClosedError", "ContextFullError", "ContextPolicy", "DecodeError", "Dense", "EdgesinkError", "GenerationChunk",
+    "ClosedError", "ContextCreationError", "ContextFullError", "ContextPolicy", "CorpusError", "DecodeError", "Dense", "EdgesinkError", "GenerationChunk",
     "Halve", "Model", "ModelLoadError", "ModelNotFoundError", "POLICY_NAMES", "Recompute",
-    "SamplingParams", "Session", "SessionFileError", "SessionSaveError", "SessionStats", "Sink",
-    "TextTooLongError", "UnsupportedModelError", "Window",
+    "SamplingParams", "Session", "SessionConfig", "SessionFileError", "SessionSaveError", "SessionStats", "SettingsError", "Sink",
+    "SystemPromptTooLongError", "TemplateRenderError", "TemplateRewriteError", "TextTooLongError", "UnsupportedModelError", "Window",
     "__version__", "load", "make_policy",
 ]

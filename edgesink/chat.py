@@ -26,11 +26,12 @@ import os
 import re
 import time
 import weakref
+from collections import deque
 from typing import Iterator
 
 from jinja2 import TemplateError
 
-from .errors import ClosedError, EdgesinkError, SystemPromptTooLongError
+from .errors import ClosedError, SystemPromptTooLongError, TemplateRenderError, TemplateRewriteError
 from .template_guard import GuardedSandbox, TemplateLimitError, time_limit
 
 PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: never produced by a template
@@ -45,10 +46,6 @@ MAX_RENDER_SECONDS = 2.0
 # time and memory in proportion to the source (2.5 MB: over 10 s), so a longer one is refused unread.
 MAX_TEMPLATE_CHARS = 65_536
 RENDER_WINDOW = 32  # messages rendered per turn at most, besides the system prompt
-
-
-class TemplateRenderError(EdgesinkError):
-    """The chat template failed, tried something the sandbox forbids, or ran away."""
 
 
 class ChatTemplate:
@@ -99,10 +96,6 @@ class ChatTemplate:
         return "".join(parts)
 
 
-class TemplateRewriteError(TemplateRenderError):
-    """The chat template rewrites history that is no longer in the window, so it cannot be re-fed."""
-
-
 def _raise_template_exception(message: str):
     raise TemplateRenderError(f"the chat template refused the conversation: {message}")
 
@@ -113,7 +106,8 @@ class Chat:
     ``_fed`` is the rendering (contents as placeholders) that the cache holds. Only the newest
     ``RENDER_WINDOW`` messages (and the system prompt) are rendered, so a turn costs the same
     after a million messages as after ten; every message stays in ``messages``. ``_marks`` are
-    (offset in ``_fed``, stream index) pairs where the cache may be cut back to.
+    (offset in ``_fed``, stream index) pairs where the cache may be cut back to;
+    ``message_starts`` the stream indices where turns begin, where evictions cut the window.
     """
 
     def __init__(self, session, system: str | None = None, keep_system: bool = True, template: str | None = None):
@@ -131,6 +125,7 @@ class Chat:
         self._fed = ""
         self._marks: list[tuple[int, int]] = []
         self._render_from = 0  # the oldest message rendered, besides a leading system prompt
+        self.message_starts: deque[int] = deque()
 
     @property
     def session(self):
@@ -172,18 +167,40 @@ class Chat:
     def saved_state(self) -> dict:
         return {"system": self.system, "keep_system": self.keep_system, "template": self.template_source,
                 "messages": [dict(m) for m in self.messages], "fed": self._fed,
-                "marks": [list(m) for m in self._marks], "render_from": self._render_from}
+                "marks": [list(m) for m in self._marks], "render_from": self._render_from,
+                "message_starts": list(self.message_starts)}
 
     @classmethod
-    def from_saved(cls, session, saved: dict) -> "Chat":
-        """A chat continuing ``saved`` (checked by :func:`saved_chat_problem`)."""
+    def from_saved(cls, session, saved: dict, message_starts: list[int] = ()) -> "Chat":
+        """A chat continuing ``saved`` (checked by :func:`saved_chat_problem`); ``message_starts``:
+        where files of older versions kept them, beside the chat."""
         chat = cls(session, system=None, keep_system=saved["keep_system"], template=saved.get("template"))
         chat.system = saved["system"]
         chat.messages = [dict(m) for m in saved["messages"]]
         chat._fed = saved["fed"]
         chat._marks = [tuple(m) for m in saved.get("marks", [])]
         chat._render_from = saved.get("render_from", 0)
+        chat.message_starts = deque(saved.get("message_starts", message_starts))
         return chat
+
+    # -- evictions --------------------------------------------------------------------------------
+
+    def align_cut(self, n: int, needed: int, *, window_start: int, n_window: int) -> int:
+        """Where to cut the window so that it starts at a message: how many tokens to evict.
+
+        ``n`` is what the policy asks, ``needed`` the least that makes room; the window holds the
+        stream indices from ``window_start``, ``n_window`` of them. The cut moves forward to the
+        first message start at or after ``n``; failing that, back to the last one at or after
+        ``needed``; failing both (the newest message alone outgrows the window) it stays at ``n``,
+        inside that message.
+        """
+        offsets = [start - window_start for start in self.message_starts]
+        cut = next((o for o in offsets if n <= o <= n_window), None)
+        if cut is None:
+            cut = max((o for o in offsets if needed <= o < n), default=n)
+        while self.message_starts and self.message_starts[0] < window_start + cut:
+            self.message_starts.popleft()  # evicted: no longer a place to cut
+        return cut
 
     # -- rendering ------------------------------------------------------------------------------
 
@@ -224,7 +241,7 @@ class Chat:
         n = 0
         for begin, end in zip(cuts, cuts[1:]):
             if begin in boundaries:
-                self.session.mark_message_start()
+                self.message_starts.append(self.session.tokens_seen)
             self._mark(begin)
             n += self.session.feed_tokens(self.turn_tokens(rendered[begin:end]))
         self._fed = rendered
@@ -242,22 +259,24 @@ class Chat:
         common = len(os.path.commonprefix([rendered, self._fed]))
         mark = next(((off, index) for off, index in reversed(self._marks) if off <= common), None)
         session = self.session
-        if mark is None or mark[1] < session._first_removable():
+        if mark is None or mark[1] < session.first_removable():
             raise TemplateRewriteError(
                 "the chat template renders earlier history differently from what the cache holds, and "
                 "that part is no longer in the window (evicted, or pinned with the system prompt); "
                 "this template cannot go on here: /reset (or start_chat) starts over")
         offset, index = mark
-        session._drop_newest(session.stats.tokens_seen - index)
+        session.drop_newest(session.tokens_seen - index)
+        while self.message_starts and self.message_starts[-1] > session.tokens_seen:
+            self.message_starts.pop()
         self._fed = self._fed[:offset]
         self._marks = [m for m in self._marks if m[0] <= offset]
         return offset
 
     def _mark(self, offset: int) -> None:
         """Remember that ``_fed[:offset]`` is what the stream holds up to now; forget evicted marks."""
-        oldest = self.session._first_removable()
+        oldest = self.session.first_removable()
         self._marks = [m for m in self._marks if m[1] >= oldest and m[0] < offset]
-        self._marks.append((offset, self.session.stats.tokens_seen))
+        self._marks.append((offset, self.session.tokens_seen))
 
     def turn_tokens(self, rendered: str) -> list[int]:
         """Tokens of a rendered piece: template text with special tokens, contents literal."""
@@ -285,30 +304,30 @@ class Chat:
         # The turn (message and reply) begins where the conversation before it ends; what comes
         # before that (closing a reply that was cut short) belongs to the previous turn.
         boundaries = [len(before)] if prompt.startswith(before) else []
-        seen = self.session.stats.tokens_seen
+        seen = self.session.tokens_seen
         try:
             self._feed_rendering(prompt, boundaries)
         except BaseException:  # Ctrl-C, a full dense cache...
-            if self.session.stats.tokens_seen == seen:  # nothing went in: as if never sent
+            if self.session.tokens_seen == seen:  # nothing went in: as if never sent
                 self.messages.pop()
             else:  # part of it is cached: count it as sent (with no reply), so the next turn closes it
                 self.messages.append({"role": "assistant", "content": ""})
                 self._fed = prompt + PLACEHOLDER.format(len(self.messages) - 1)
             raise
         self.messages.append({"role": "assistant", "content": ""})
-        reply, ended_by_eog = [], False
+        reply, end_token = [], None
         try:
             for chunk in self.session.stream_generate(**generation):
                 reply.append(chunk.text)
-                ended_by_eog = chunk.finish_reason == "stop"
+                end_token = chunk.end_token
                 if chunk.text:
                     yield chunk.text
         finally:
             # Whatever happened (Ctrl-C too), the cache holds the reply so far: record it.
             self.messages[-1]["content"] = "".join(reply)
             self._fed += PLACEHOLDER.format(len(self.messages) - 1)
-            if ended_by_eog:
-                self._fed += self.session.last_end_token_text
+            if end_token is not None:  # the template's end of a turn, as the model wrote it
+                self._fed += self.session.model.token_text(end_token)
             self._mark(len(self._fed))
 
 
@@ -338,6 +357,10 @@ def saved_chat_problem(saved, tokens_seen: int) -> str | None:
     render_from = saved.get("render_from", 0)
     if not (type(render_from) is int and 0 <= render_from <= len(messages)):
         return "chat render_from"
+    starts = saved.get("message_starts", [])
+    if not (isinstance(starts, list) and all(type(i) is int and 0 <= i <= tokens_seen for i in starts)
+            and starts == sorted(starts)):
+        return "chat message_starts"
     template = saved.get("template")
     if template is not None:
         if not isinstance(template, str):

@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+import llama_cpp
+
 from . import _native
 
 
@@ -27,8 +29,6 @@ def isolated_python(program: str, *args: str) -> list[str]:
 def import_folders() -> list[str]:
     """Where this process found edgesink and llama_cpp, then the rest of its sys.path: absolute
     entries only, and never the current folder."""
-    import llama_cpp
-
     own = [str(Path(__file__).resolve().parents[1]), str(Path(llama_cpp.__file__).resolve().parents[1])]
     try:
         here = os.path.realpath(os.getcwd())

@@ -17,6 +17,8 @@ import tempfile
 import zlib
 from pathlib import Path
 
+from .errors import CorpusError
+
 DEBIAN_PACKAGE = "r-cran-janeaustenr"
 DEBIAN_VERSION = "1.0.0-1"
 RDB_MEMBER = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
@@ -26,16 +28,10 @@ CORPUS_SHA256 = "32432b75ad045648fc586b923f9d38cddee6ecfa14cfe8968b9a028c36a19c2
 CACHE_ENV = "EDGESINK_CORPUS_DIR"
 
 
-class CorpusError(RuntimeError):
-    """The corpus could not be fetched or read."""
-
-
 def corpus_dir() -> Path:
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    from ._native import PACKAGE_DIR
-
-    source = PACKAGE_DIR.parent / "benchmarks"
+    source = Path(__file__).resolve().parent.parent / "benchmarks"
     return source / ".cache" if source.exists() else Path.home() / ".cache" / "edgesink" / "corpus"
 
 

@@ -37,6 +37,26 @@ class SystemPromptTooLongError(EdgesinkError, ValueError):
     """A chat's system prompt takes more of the cache than a conversation can spare."""
 
 
+class SettingsError(EdgesinkError, ValueError):
+    """A setting that cannot work (out of range, of the wrong type, or not known); the message names it."""
+
+
+class ContextCreationError(EdgesinkError, ValueError):
+    """llama.cpp could not create a session's context (out of memory, or settings it rejects)."""
+
+
+class TemplateRenderError(EdgesinkError):
+    """The chat template failed, tried something the sandbox forbids, or ran away."""
+
+
+class TemplateRewriteError(TemplateRenderError):
+    """The chat template rewrites history that is no longer in the window, so it cannot be re-fed."""
+
+
+class CorpusError(EdgesinkError, RuntimeError):
+    """The benchmark's corpus could not be fetched or read."""
+
+
 class SessionFileError(EdgesinkError):
     """A session file that cannot be restored here; the message names the cause."""
 

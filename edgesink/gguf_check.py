@@ -34,8 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import _native
+from ._native import C
 from .child import CWD, child_env, isolated_python, library_file
 from .errors import ModelLoadError
+from .registry import cached_sha256, write_json_cache
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3  # the newest version the pinned llama.cpp reads
@@ -438,8 +440,6 @@ def probe_once(path: Path, sha256: str) -> None:
 
 def file_sha256(path: Path) -> str:
     """The file's sha256 (remembered per file identity, see ``registry.cached_sha256``)."""
-    from .registry import cached_sha256
-
     try:
         return cached_sha256(path)
     except OSError as e:
@@ -480,15 +480,11 @@ def _remember_probe(key: str) -> None:
         known = []
     known = [k for k in known if isinstance(k, str) and k != key][-200:]
     known.append(key)
-    from .registry import write_json_cache
-
     write_json_cache(cache, known)
 
 
 def _probe_child(path: str) -> int:
     """In the child: load without weights, make a small context, tokenize. 0 ok, 3 refused."""
-    from ._native import C
-
     @C.llama_log_callback
     def to_stderr(level, text, user_data):  # the parent reads the reason from here
         sys.stderr.write(text.decode("utf-8", errors="replace"))

@@ -303,14 +303,6 @@ def fetch_registry_model(entry: RegistryEntry) -> Path:
     return path
 
 
-def registry_model_path(entry: RegistryEntry) -> Path | None:
-    """Where a registry model already is on this machine, or None (no network used)."""
-    if entry.pypi:
-        return entry.local_path if entry.local_path.exists() else None
-    path = cached_snapshot(entry.repo).get(entry.file)
-    return path if path is not None and path.exists() else None
-
-
 def pull_model(text: str) -> Path:
     """Fetch a registry model or a Hub spec; returns the local path."""
     registry = load_registry()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import _native
 from .registry import default_model_name, load_registry
+from .version import __version__
 
 PIN_FILE = _native.PACKAGE_DIR.parent / "native" / "upstream.json"
 
@@ -20,8 +21,6 @@ def pinned_commit() -> str | None:
 
 def system_info() -> dict:
     """Everything ``edgesink info`` prints, as a dict."""
-    from . import __version__
-
     entry = load_registry()[default_model_name()]
     model_path: Path = entry.local_path
     return {

@@ -5,14 +5,11 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from . import _native
+from . import _native, gguf_check
 from ._native import C
-from .errors import ClosedError, ModelLoadError, ModelNotFoundError, TextTooLongError
-
-if TYPE_CHECKING:
-    from .session import Session
+from .errors import ClosedError, ModelLoadError, ModelNotFoundError, SettingsError, TextTooLongError
+from .session import Session
 
 LOAD_MODE_NONE, LOAD_MODE_MMAP = 0, 1  # enum llama_load_mode
 # int32_t llama_tokenize(..., const char * text, int32_t text_len, llama_token * tokens, int32_t n_tokens_max, ...):
@@ -23,7 +20,8 @@ MAX_TOKENIZE_BYTES = 2**31 - 1 - 2
 class Model:
     """Weights loaded once; each :meth:`session` gets its own KV cache on top of them.
 
-    Use :func:`load` to make one. Close it (or use it as a context manager) to free the weights;
+    ``edgesink.load`` makes one from a path, a registry name or a Hub spec; ``Model(path)`` takes
+    a local file only. Close it (or use it as a context manager) to free the weights;
     sessions still open on it are closed first.
     """
 
@@ -41,15 +39,13 @@ class Model:
         self._contexts: dict = {}  # each session's cache on these weights -> that session's lock
         self.path = Path(path)
         if check not in ("full", "header", "none"):
-            raise ValueError(f"check must be 'full', 'header' or 'none', got {check!r}")
+            raise SettingsError(f"check must be 'full', 'header' or 'none', got {check!r}")
         if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int):
-            raise ValueError(f"n_gpu_layers must be an integer (-1: all layers), got {n_gpu_layers!r}")
+            raise SettingsError(f"n_gpu_layers must be an integer (-1: all layers), got {n_gpu_layers!r}")
         if self.path.is_dir():
             raise ModelLoadError(f"{self.path} is a directory, not a GGUF model file")
         if not self.path.exists():
             raise ModelNotFoundError(f"no model file at {self.path}")
-        from . import gguf_check
-
         identity = _file_identity(self.path)
         if check != "none":
             gguf_check.check_gguf(self.path)
@@ -83,16 +79,17 @@ class Model:
     @property
     def handle(self):
         """The ``llama_model *`` (for the engine; ClosedError once closed)."""
-        self._check_open()
+        self.check_open()
         return self._model
 
     @property
     def _vocab(self):
         """The ``llama_vocab *``, which lives inside the weights: ClosedError once they are freed."""
-        self._check_open()
+        self.check_open()
         return self._vocab_ptr
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raise :class:`ClosedError` if the weights were freed."""
         if not self._model:
             raise ClosedError("this model is closed")
 
@@ -111,12 +108,14 @@ class Model:
             C.llama_model_free(self._model)
             self._model = None
 
-    def _attach(self, cache, lock) -> None:
-        """Register a session's cache, to be closed (holding ``lock``) before the weights are freed."""
-        self._check_open()
+    def attach(self, cache, lock) -> None:
+        """Register a context built on these weights (anything with ``close()``), to be closed,
+        holding ``lock``, before the weights are freed: a context never outlives its model."""
+        self.check_open()
         self._contexts[cache] = lock
 
-    def _detach(self, cache) -> None:
+    def detach(self, cache) -> None:
+        """Forget a context registered with :meth:`attach` (it was closed by its owner)."""
         self._contexts.pop(cache, None)
 
     def __enter__(self) -> "Model":
@@ -128,14 +127,12 @@ class Model:
     def __del__(self):
         self.close()
 
-    def session(self, **options) -> "Session":
+    def session(self, **options) -> Session:
         """A new streaming session on this model; options as :class:`edgesink.Session`.
 
         Closing the model closes its sessions first (their use then raises :class:`ClosedError`).
         """
-        from .session import Session
-
-        self._check_open()
+        self.check_open()
         return Session(self, **options)
 
     # -- metadata -----------------------------------------------------------------------------
@@ -199,7 +196,7 @@ class Model:
 
     def token_bytes(self, token: int) -> bytes:
         """The raw bytes of one token (may be part of a multi-byte character)."""
-        self._check_open()  # even when remembered: a closed model answers nothing
+        self.check_open()  # even when remembered: a closed model answers nothing
         piece = self._piece_cache.get(token)
         if piece is None:
             self.check_token(token)
@@ -244,14 +241,3 @@ def _file_identity(path: Path) -> tuple | None:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
-
-def load(model: "str | os.PathLike | Model", **options) -> Model:
-    """Load a model from a ``.gguf`` path or a registry name (see ``edgesink models``).
-
-    A :class:`Model` passed in is returned as it is.
-    """
-    if isinstance(model, Model):
-        return model
-    from .resolve import resolve_model
-
-    return Model(resolve_model(model), **options)

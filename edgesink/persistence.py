@@ -40,6 +40,7 @@ from . import _native
 from ._native import C
 from .errors import SessionFileError, SessionSaveError
 from .kvcache import STREAM_SEQ, deferred_interrupt
+from .policies import policy_from_dict
 
 __all__ = ["SessionFileError", "SessionSaveError", "load_session", "read_session_file", "read_session_header",
            "save_session"]
@@ -77,14 +78,14 @@ def _match_a_restore(session, payload: bytearray) -> None:
     of one token between threads otherwise than a batch's (measured: next logits up to 0.68 apart
     at n_ctx 384 with two threads, 0.58 after `halve`, had the saver kept its layout and logits).
     """
-    if not C.llama_memory_can_shift(session._cache.mem):
+    if not C.llama_memory_can_shift(session.cache.mem):
         return  # recurrent memory: no cell layout to match, and the session is left as it was
     with deferred_interrupt():
         try:
             _set_sequence_state(session, payload)
         except SessionFileError as e:  # llama.cpp refusing its own state: nothing was written
             raise SessionSaveError(f"could not save the session: {e}") from e
-        session._forget_logits()
+        session.forget_logits()
 
 
 # -- restoring ------------------------------------------------------------------------------------
@@ -99,20 +100,20 @@ def load_session(session, path: "str | os.PathLike") -> None:
     with _open_regular_file(path) as (f, size):
         header = _read_header(f, path)
         _check_compatible(session, header)
-        session._validate_saved_state(header["state"])
+        session.check_snapshot(header["state"])
         _check_payload_fits(session, header, path)
         _check_payload_length(header, size - f.tell(), path)
         payload = _read_payload(f, header, path)
-    if C.llama_memory_can_shift(session._cache.mem):  # a plain KV cache: its cell list is checked
+    if C.llama_memory_can_shift(session.cache.mem):  # a plain KV cache: its cell list is checked
         _check_payload_layout(path, header, payload)
-    backup, backup_state = _sequence_state(session), session._saved_state()
+    backup, backup_state = _sequence_state(session), session.snapshot()
     with deferred_interrupt():  # the cache and the bookkeeping change together, or not at all
         try:
             _set_sequence_state(session, payload)
-            session._apply_saved_state(header["state"])
+            session.apply(header["state"])
         except BaseException:
             _set_sequence_state(session, backup)
-            session._apply_saved_state(backup_state)
+            session.apply(backup_state)
             raise
 
 
@@ -330,7 +331,7 @@ def _check_payload_layout(path: Path, header: dict, payload) -> None:
     A checksum only catches accidents; this catches a payload that does not describe this stream
     (llama.cpp asserts on some inconsistent cell lists) before llama.cpp parses it.
     """
-    if header["policy"].get("name") == "recompute":
+    if policy_from_dict(header["policy"]).recomputes:
         return  # the recompute policy's cache is rebuilt from the token list on restore
     try:
         state = header["state"]
@@ -360,13 +361,12 @@ def _header(session, payload: bytes) -> dict:
         "n_ctx": session.n_ctx,
         "type_k": session.type_k,
         "type_v": session.type_v,
-        "policy": {"name": policy.name, "sinks": policy.sinks, "evict_chunk": getattr(policy, "evict_chunk", None)},
+        "policy": {"sinks": policy.sinks, **policy.to_dict()},  # sinks always there: older readers want it
         "payload_length": len(payload),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
-        "options": {"batch_size": session.batch_size, "refresh_every": session._cache.refresh_every,
-                    "rebase_every": session._cache.rebase_every,
-                    "shift_mode": "kept-forward" if session._cache.kept_forward else "window-back"},
-        "state": session._saved_state(),
+        "options": {**session.config.saved_options(),
+                    "shift_mode": "kept-forward" if session.kept_forward else "window-back"},
+        "state": session.snapshot(),
     }
 
 
@@ -381,16 +381,18 @@ def _check_compatible(session, header: dict) -> None:
     for key, mine in (("n_ctx", session.n_ctx), ("type_k", session.type_k), ("type_v", session.type_v)):
         if header.get(key) != mine:
             raise SessionFileError(f"the session was saved with {key}={header.get(key)}, this session has {mine}")
-    saved_policy = header["policy"]
-    if saved_policy["name"] != session.policy.name or saved_policy["sinks"] != session.policy.sinks:
-        raise SessionFileError(
-            f"the session was saved with policy {saved_policy['name']} (sinks {saved_policy['sinks']}), "
-            f"this session uses {session.policy.name} (sinks {session.policy.sinks})")
+    try:
+        saved_policy = policy_from_dict(header["policy"])
+    except ValueError as e:
+        raise SessionFileError(f"the session file names a policy this edgesink does not know ({e})") from None
+    if saved_policy != session.policy:
+        raise SessionFileError(f"the session was saved with policy {saved_policy.label}, "
+                               f"this session uses {session.policy.label}")
 
 
 def _sequence_state(session) -> bytearray:
     """llama.cpp's state of the stream's sequence, written straight into one buffer (no further copies)."""
-    ctx = session._cache.ctx
+    ctx = session.cache.ctx
     size = C.llama_state_seq_get_size(ctx, STREAM_SEQ)
     state = bytearray(size)
     written = C.llama_state_seq_get_data(ctx, _uint8_view(state), size, STREAM_SEQ)
@@ -405,7 +407,7 @@ def _set_sequence_state(session, payload: bytearray) -> None:
     search for free cells back to cell 0, so the cells land where a fresh session's restore puts
     them. Between steps only the stream's sequence holds cells.
     """
-    cache = session._cache
+    cache = session.cache
     C.llama_memory_clear(cache.mem, False)
     if payload:
         n_read = C.llama_state_seq_set_data(cache.ctx, _uint8_view(payload), len(payload), STREAM_SEQ)

@@ -9,10 +9,12 @@ Policies need no model, so they are unit-tested on their own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Protocol, runtime_checkable
 
-from .errors import ContextFullError
+from .errors import ContextFullError, SettingsError
+
+DEFAULT_SINKS = 4  # StreamingLLM's setting: four initial tokens are enough for the models it studied
 
 
 @runtime_checkable
@@ -37,6 +39,35 @@ class ContextPolicy(Protocol):
         """Raise ValueError if the policy cannot work with this capacity and batch size."""
         ...
 
+    def to_dict(self) -> dict:
+        """The policy's name and settings, as :func:`policy_from_dict` takes them back."""
+        ...
+
+    @property
+    def label(self) -> str:
+        """A short human name with the settings that matter, for tables and plots."""
+        ...
+
+
+def default_batch_size(n_ctx: int) -> int:
+    """Tokens decoded per step while feeding when not told: n_ctx/16, at most 64.
+
+    A batch of b tokens needs b evictions first, so its first token sees only n_ctx - b older
+    tokens; a small fraction of the window keeps that loss small while batching still pays.
+    """
+    return max(1, min(64, n_ctx // 16))
+
+
+class _Settings:
+    """What every policy shares: its settings are its dataclass fields."""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **asdict(self)}
+
+    @property
+    def label(self) -> str:
+        return self.name
+
 
 def _missing(capacity: int, n_kept: int, n_window: int, n_incoming: int) -> int:
     return max(0, n_kept + n_window + n_incoming - capacity)
@@ -48,22 +79,22 @@ def _round_up(n: int, chunk: int) -> int:
 
 def _check_common(name: str, capacity: int, sinks: int, max_incoming: int) -> None:
     if capacity < 2:
-        raise ValueError(f"n_ctx must be at least 2, got {capacity}")
+        raise SettingsError(f"n_ctx must be at least 2, got {capacity}")
     if sinks < 0:
-        raise ValueError(f"{name}: sinks must be >= 0, got {sinks}")
+        raise SettingsError(f"{name}: sinks must be >= 0, got {sinks}")
     if sinks >= capacity:
-        raise ValueError(f"{name}: sinks ({sinks}) must be smaller than n_ctx ({capacity})")
+        raise SettingsError(f"{name}: sinks ({sinks}) must be smaller than n_ctx ({capacity})")
     if max_incoming < 1:
-        raise ValueError(f"{name}: the batch size must be >= 1, got {max_incoming}")
+        raise SettingsError(f"{name}: the batch size must be >= 1, got {max_incoming}")
     if sinks + max_incoming > capacity:
-        raise ValueError(
+        raise SettingsError(
             f"{name}: a batch of {max_incoming} tokens plus {sinks} sinks does not fit in n_ctx {capacity}; "
             "use a smaller batch"
         )
 
 
 @dataclass(frozen=True)
-class Dense:
+class Dense(_Settings):
     """No eviction: the stream may not outgrow the cache (raises ContextFullError)."""
 
     name = "dense"
@@ -85,13 +116,13 @@ class Dense:
 
 
 @dataclass(frozen=True)
-class Sink:
+class Sink(_Settings):
     """StreamingLLM: keep the first ``sinks`` tokens and the most recent ones.
 
     Evicts the oldest window tokens in multiples of ``evict_chunk`` (1 is the paper's setting).
     """
 
-    sinks: int = 4
+    sinks: int = DEFAULT_SINKS
     evict_chunk: int = 1
     name = "sink"
     evicts = True
@@ -102,12 +133,16 @@ class Sink:
         missing = _missing(capacity, n_kept, n_window, n_incoming)
         return min(n_window, _round_up(missing, self.evict_chunk)) if missing else 0
 
+    @property
+    def label(self) -> str:
+        return f"sink({self.sinks}, chunk {self.evict_chunk})"
+
     def validate(self, capacity, max_incoming):
         _check_common(self.name, capacity, self.sinks, max_incoming)
         if self.evict_chunk < 1:
-            raise ValueError(f"{self.name}: evict_chunk must be >= 1, got {self.evict_chunk}")
+            raise SettingsError(f"{self.name}: evict_chunk must be >= 1, got {self.evict_chunk}")
         if self.evict_chunk > capacity - self.sinks:
-            raise ValueError(f"{self.name}: evict_chunk ({self.evict_chunk}) is larger than the window")
+            raise SettingsError(f"{self.name}: evict_chunk ({self.evict_chunk}) is larger than the window")
 
 
 @dataclass(frozen=True)
@@ -119,18 +154,26 @@ class Window(Sink):
 
     def __post_init__(self):
         if self.sinks != 0:
-            raise ValueError("window keeps no sinks; use policy 'sink' to keep some")
+            raise SettingsError(f"policy 'window' keeps no sinks; use policy 'sink' (or 'halve') to keep {self.sinks}")
+
+    @property
+    def label(self) -> str:
+        return "window" if self.evict_chunk == 1 else f"window(chunk {self.evict_chunk})"
 
 
 @dataclass(frozen=True)
-class Halve:
+class Halve(_Settings):
     """llama.cpp's own context shift: keep ``sinks`` tokens, discard half of the rest at once."""
 
-    sinks: int = 4
+    sinks: int = DEFAULT_SINKS
     name = "halve"
     evicts = True
     shifts = True
     recomputes = False
+
+    @property
+    def label(self) -> str:
+        return f"halve({self.sinks})"
 
     def evictions(self, capacity, n_kept, n_window, n_incoming):
         missing = _missing(capacity, n_kept, n_window, n_incoming)
@@ -141,7 +184,7 @@ class Halve:
 
 
 @dataclass(frozen=True)
-class Recompute:
+class Recompute(_Settings):
     """Sliding window with re-computation: re-encode the last n_ctx tokens before each step.
 
     The paper's slow, strong baseline: every token sees a freshly computed window, no sinks.
@@ -161,19 +204,38 @@ class Recompute:
         _check_common(self.name, capacity, 0, max_incoming)
 
 
-POLICY_NAMES = ("sink", "window", "halve", "dense", "recompute")
+POLICIES = {"sink": Sink, "window": Window, "halve": Halve, "dense": Dense, "recompute": Recompute}
+POLICY_NAMES = tuple(POLICIES)
+
+
+def settings_of(name: str) -> tuple[str, ...]:
+    """The settings policy ``name`` takes (``sinks``, ``evict_chunk``); ValueError for an unknown name."""
+    return tuple(f.name for f in fields(_policy_class(name)))
 
 
 def make_policy(name: str, *, sinks: int | None = None, evict_chunk: int | None = None) -> ContextPolicy:
-    """A policy by name with optional settings; the one place names become policy objects."""
-    if name == "sink":
-        return Sink(sinks=4 if sinks is None else sinks, evict_chunk=evict_chunk or 1)
-    if name == "window":
-        return Window(evict_chunk=evict_chunk or 1)
-    if name == "halve":
-        return Halve(sinks=4 if sinks is None else sinks)
-    if name == "dense":
-        return Dense()
-    if name == "recompute":
-        return Recompute()
-    raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+    """A policy by name; settings left None take the policy's defaults. The one place names become policies.
+
+    A setting the policy does not have is refused (sinks 0 and evict_chunk 1 are what those
+    policies do anyway, so they pass).
+    """
+    cls = _policy_class(name)
+    given = {key: value for key, value in (("sinks", sinks), ("evict_chunk", evict_chunk)) if value is not None}
+    accepted = settings_of(name)
+    if "sinks" not in accepted and given.pop("sinks", 0):
+        raise SettingsError(f"policy {name!r} keeps no sinks; use policy 'sink' (or 'halve') to keep {sinks}")
+    if "evict_chunk" not in accepted and given.pop("evict_chunk", 1) != 1:
+        raise SettingsError(f"policy {name!r} has no evict_chunk; it belongs to 'sink' and 'window'")
+    return cls(**given)
+
+
+def policy_from_dict(data: dict) -> ContextPolicy:
+    """The policy :meth:`ContextPolicy.to_dict` described (settings it lacks may be None: older files)."""
+    return make_policy(data["name"], sinks=data.get("sinks"), evict_chunk=data.get("evict_chunk"))
+
+
+def _policy_class(name: str) -> type:
+    try:
+        return POLICIES[name]
+    except (KeyError, TypeError):
+        raise SettingsError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}") from None

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
 
 from ._native import C
+from .errors import SettingsError
 
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed each time
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the next token is drawn. ``temperature=0`` (or ``top_k=1``) gives greedy decoding."""
+    """How the next token is drawn. ``temperature=0`` (or ``top_k=1``) gives greedy decoding.
+
+    Every value is checked here, once: wrong types and ranges are a :class:`SettingsError`.
+    """
 
     temperature: float = 0.8
     top_k: int = 40
@@ -22,20 +29,42 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
         if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0: greedy decoding), got {self.temperature}")
+            raise SettingsError(f"temperature must be >= 0 (0: greedy decoding), got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+            raise SettingsError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SettingsError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
-            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+            raise SettingsError(f"min_p must be in [0, 1), got {self.min_p}")
         if not self.repeat_penalty > 0:
-            raise ValueError(f"repeat_penalty must be > 0 (1 disables it), got {self.repeat_penalty}")
+            raise SettingsError(f"repeat_penalty must be > 0 (1 disables it), got {self.repeat_penalty}")
         if self.repeat_last_n < 0:
-            raise ValueError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
+            raise SettingsError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
         if self.seed is not None and not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+            raise SettingsError(f"seed must be in [0, 2**32), got {self.seed}")
+
+    @classmethod
+    def of(cls, **settings) -> "SamplingParams":
+        """Sampling settings from keyword arguments; an unknown name is a :class:`SettingsError` too."""
+        known = [f.name for f in fields(cls)]
+        unknown = set(settings) - set(known)
+        if unknown:
+            raise SettingsError(f"unknown sampling setting(s) {', '.join(sorted(unknown))}; known: {', '.join(known)}")
+        return cls(**settings)
+
+
+def _check_type(name: str, value, annotation: str) -> None:
+    """Integers where the field is an int (never a bool), finite numbers where it is a float."""
+    if value is None and "None" in annotation:
+        return
+    if annotation.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise SettingsError(f"{name} must be an integer, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
+        raise SettingsError(f"{name} must be a finite number, got {value!r}")
 
 
 class Sampler:

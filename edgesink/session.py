@@ -11,23 +11,27 @@ import operator
 import os
 import threading
 import time
-from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import wraps
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
 from ._native import C
-from .errors import ClosedError, UnsupportedModelError
-from .kvcache import CacheCounters, StreamCache, deferred_interrupt
-from .model import Model, load
-from .options import (cache_type, check_n_ctx, check_session_options, default_threads, kept_forward_mode, not_int,
-                      sampling_params, stop_strings)
-from .policies import ContextPolicy, make_policy
-from .sampling import Sampler
+from .chat import Chat, saved_chat_problem
+from .errors import ClosedError, SessionFileError, SettingsError, UnsupportedModelError
+from .kvcache import StreamCache, deferred_interrupt
+from .layout import state_problem
+from .config import SessionConfig
+from .options import CACHE_TYPES, check_n_ctx, default_threads, kept_forward_mode, not_int, stop_strings
+from .persistence import load_session, read_session_header, save_session
+from .policies import ContextPolicy, policy_from_dict
+from .sampling import Sampler, SamplingParams
 from .textstream import StopMatcher, Utf8Stream, text_pieces
+
+if TYPE_CHECKING:
+    from .model import Model
 
 
 def _exclusive(method):
@@ -46,6 +50,24 @@ class GenerationChunk:
     text: str  # whole characters only; may be empty while a character or stop string is pending
     token: int | None  # the sampled token (None on the final chunk)
     finish_reason: str | None = None  # "stop" (end token), "stop_string", "length" on the last chunk
+    end_token: int | None = None  # with "stop": the end-of-generation token (fed to the stream, not in text)
+
+
+@dataclass
+class Rate:
+    """Tokens handled and the seconds they took, for a tokens-per-second figure."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, n: int, since: float) -> None:
+        """Count ``n`` tokens handled since ``since`` (a ``time.perf_counter()`` reading)."""
+        self.tokens += n
+        self.seconds += time.perf_counter() - since
+
+    @property
+    def per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
@@ -72,7 +94,8 @@ class Session:
     """A stream of tokens through a bounded cache with a context policy.
 
     Args:
-        model: a :class:`Model`, a ``.gguf`` path or a registry name (then the session owns it).
+        model: a loaded :class:`Model` (``edgesink.load``); ``model.session(...)`` says the same.
+        config: a :class:`SessionConfig`; or the settings below as keywords (not both).
         n_ctx: cache size in tokens; the stream itself is unbounded.
         policy: ``"sink"`` (default), ``"window"``, ``"halve"``, ``"dense"``, ``"recompute"``,
             or a policy object from :mod:`edgesink.policies`.
@@ -100,65 +123,52 @@ class Session:
     like stay readable.
     """
 
-    def __init__(self, model: "Model | str | os.PathLike", *, n_ctx: int = 2048,
-                 policy: "str | ContextPolicy" = "sink", sinks: int | None = None,
-                 evict_chunk: int | None = None, batch_size: int | None = None,
-                 type_k: str = "f16", type_v: str = "f16", flash_attn: bool | None = None,
-                 n_threads: int | None = None, shift_mode: str = "auto",
-                 refresh_every: int = 128, rebase_every: int | None = None):
+    def __init__(self, model: "Model", config: SessionConfig | None = None, **settings):
         self._lock = threading.RLock()  # re-entrant: feed calls feed_tokens, start_chat calls reset...
         self._stream: StreamCache | None = None
-        check_session_options(policy, sinks=sinks, evict_chunk=evict_chunk, batch_size=batch_size,
-                              n_threads=n_threads, flash_attn=flash_attn, refresh_every=refresh_every,
-                              rebase_every=rebase_every)
-        self._owns_model = not isinstance(model, Model)
-        self.model = load(model)
-        self.model._check_open()
-        try:
-            self.policy = make_policy(policy, sinks=sinks, evict_chunk=evict_chunk) if isinstance(policy, str) else policy
-            self.n_ctx = check_n_ctx(self.model, n_ctx, type_k, type_v)
-            self.batch_size = batch_size if batch_size is not None else max(1, min(64, n_ctx // 16))
-            self.policy.validate(self.n_ctx, self.batch_size)
-            rebase_every = n_ctx if rebase_every is None else rebase_every
-            self.kept_forward = kept_forward_mode(shift_mode)
-            params = self._context_params(type_k, type_v, flash_attn, n_threads)
-            self._stream = StreamCache(self.model, params, capacity=self.n_ctx, kept_forward=self.kept_forward,
-                                       rebase_every=rebase_every, refresh_every=refresh_every)
-            self.model._attach(self._stream, self._lock)  # closing the model closes this cache first
-        except BaseException:
-            if self._owns_model:
-                self.model.close()
-            raise
+        if isinstance(model, (str, bytes, os.PathLike)):
+            raise TypeError(f"Session takes a loaded model, not a path: edgesink.load({os.fspath(model)!r}).session(...)")
+        if config is not None and settings:
+            raise TypeError("give a SessionConfig or keyword settings, not both")
+        self.config = config = SessionConfig.of(**settings) if config is None else config
+        model.check_open()
+        check_n_ctx(model, config.n_ctx, config.type_k, config.type_v)
+        self.model = model
+        self.policy, self.n_ctx, self.batch_size = config.policy, config.n_ctx, config.batch_size
+        self.type_k, self.type_v = config.type_k, config.type_v
+        self.kept_forward = kept_forward_mode(config.shift_mode)
+        self._stream = StreamCache(self.model, self._context_params(), capacity=self.n_ctx,
+                                   kept_forward=self.kept_forward, rebase_every=config.rebase_every,
+                                   refresh_every=config.refresh_every)
+        self.model.attach(self._stream, self._lock)  # closing the model closes this cache first
         self._check_shift_support()
-        self.type_k, self.type_v = type_k, type_v
         self._n_keep_target = self.policy.sinks
         self._utf8_in = Utf8Stream()
         self._last_logits: np.ndarray | None = None
         self._tokens_seen = 0
-        self._feed_time = [0, 0.0]
-        self._gen_time = [0, 0.0]
-        self._message_starts: deque[int] = deque()  # stream indices where chat messages begin
+        self._feed_rate = Rate()
+        self._gen_rate = Rate()
         self._chat = None
-        self.last_end_token_text = ""
 
     # -- construction helpers ------------------------------------------------------------------
 
-    def _context_params(self, type_k, type_v, flash_attn, n_threads):
+    def _context_params(self):
+        config = self.config
         p = C.llama_context_default_params()
         p.n_ctx = self.n_ctx
         p.n_batch = p.n_ubatch = max(self.batch_size, min(512, self.n_ctx))
         p.n_seq_max = 2  # the stream, and a scratch sequence to re-encode the kept tokens
         p.kv_unified = True  # one cache of n_ctx cells shared by both sequences
-        p.n_threads = p.n_threads_batch = n_threads or default_threads()
-        p.type_k, p.type_v = cache_type(type_k), cache_type(type_v)
-        p.flash_attn_type = {None: -1, True: 1, False: 0}[flash_attn]
+        p.n_threads = p.n_threads_batch = config.n_threads or default_threads()
+        p.type_k, p.type_v = CACHE_TYPES[config.type_k], CACHE_TYPES[config.type_v]
+        p.flash_attn_type = {None: -1, True: 1, False: 0}[config.flash_attn]
         # Sliding-window (iSWA) models keep only the last n_swa tokens by default, which cannot shift.
         p.swa_full = self.model.n_swa > 0 and self.policy.shifts
         p.no_perf = True
         return p
 
     def _check_shift_support(self) -> None:
-        if self.policy.shifts and not C.llama_memory_can_shift(self._cache.mem):
+        if self.policy.shifts and not C.llama_memory_can_shift(self.cache.mem):
             arch = self.model.architecture
             self.close()
             raise UnsupportedModelError(
@@ -169,8 +179,10 @@ class Session:
     # -- lifetime ------------------------------------------------------------------------------
 
     @property
-    def _cache(self) -> StreamCache:
-        """The stream's cache; ClosedError once this session or its model is closed."""
+    def cache(self) -> StreamCache:
+        """The stream's KV cache (its llama.cpp context and bookkeeping), for tools that measure or
+        save it; ClosedError once this session or its model is closed. Changing it by hand desyncs
+        the session: feed, generate and load are the ways in."""
         return self._check_open()
 
     def _check_open(self) -> StreamCache:
@@ -182,16 +194,13 @@ class Session:
         return cache
 
     def close(self) -> None:
-        """Free the cache (and the model, if this session loaded it). Idempotent."""
+        """Free the cache (the model stays loaded). Idempotent."""
         with getattr(self, "_lock", None) or nullcontext():  # waits for a step another thread is running
             cache = getattr(self, "_stream", None)
             if cache is not None:
-                self.model._detach(cache)
+                self.model.detach(cache)
                 cache.close()
                 self._stream = None
-            if getattr(self, "_owns_model", False) and self.model is not None:
-                self.model.close()
-                self.model = None
 
     def __enter__(self) -> "Session":
         return self
@@ -205,15 +214,13 @@ class Session:
     @_exclusive
     def reset(self) -> None:
         """Forget the whole stream, its counters and rates; settings stay (and a chat's system prompt)."""
-        self._cache.clear()
+        self.cache.clear()
         self._utf8_in = Utf8Stream()
         self._last_logits = None
         self._tokens_seen = 0
-        self._feed_time = [0, 0.0]
-        self._gen_time = [0, 0.0]
+        self._feed_rate = Rate()
+        self._gen_rate = Rate()
         self._n_keep_target = self.policy.sinks
-        self._message_starts.clear()
-        self.last_end_token_text = ""
         if self._chat is not None:
             chat = self._chat
             self._chat = None
@@ -235,13 +242,11 @@ class Session:
         Raises :class:`SystemPromptTooLongError` when the system prompt takes more than half the
         cache (all of it for ``dense``); nothing is changed then.
         """
-        from .chat import Chat
-
         self._check_open()
-        continuing = continue_stream and self._cache.n_cached > 0
+        continuing = continue_stream and self.cache.n_cached > 0
         chat = Chat(self, system=system, keep_system=keep_system, template=template)
         chat.check_system_fits(continuing)  # before the old conversation is touched
-        if self._cache.n_cached and not continuing:
+        if self.cache.n_cached and not continuing:
             self._chat = None
             self.reset()
         self._chat = chat
@@ -281,7 +286,7 @@ class Session:
 
         ``recompute`` then re-encodes them before the window each time.
         """
-        if self._cache.counters.evicted:
+        if self.cache.counters.evicted:
             raise ValueError("pin_prefix must be called before anything was evicted from the stream")
         if not self.policy.evicts:
             return
@@ -289,49 +294,39 @@ class Session:
         if target + self.batch_size > self.n_ctx:
             raise ValueError(f"a pinned prefix of {n_tokens} tokens leaves no room in n_ctx {self.n_ctx}")
         self._n_keep_target = target
-        self._cache.adopt_kept(target)
+        self.cache.adopt_kept(target)
 
-    def mark_message_start(self) -> None:
-        """Record that the next token begins a message: evictions cut the window there."""
-        self._message_starts.append(self._tokens_seen)
+    @property
+    def tokens_seen(self) -> int:
+        """Tokens that entered the stream so far, fed or generated (also in :attr:`stats`)."""
+        return self._tokens_seen
 
-    def _align_to_message(self, n: int, needed: int) -> int:
-        """Where to cut the window so that it starts at a message: how many tokens to evict.
+    def _aligned_eviction(self, n: int, needed: int) -> int:
+        """How many window tokens to evict: the policy's ``n``, or where the conversation says a
+        message begins (see :meth:`Chat.align_cut`); at least ``needed``, which makes room."""
+        if not n or self._chat is None:
+            return n
+        return self._chat.align_cut(n, needed, window_start=self._tokens_seen - self.cache.n_window,
+                                    n_window=self.cache.n_window)
 
-        ``n`` is what the policy asks, ``needed`` the least that makes room. The cut moves
-        forward to the first message start at or after ``n``; failing that, back to the last one
-        at or after ``needed``; failing both (the newest message alone outgrows the window) it
-        stays at ``n``, inside that message.
-        """
-        window_start = self._tokens_seen - self._cache.n_window
-        offsets = [start - window_start for start in self._message_starts]
-        cut = next((o for o in offsets if n <= o <= self._cache.n_window), None)
-        if cut is None:
-            cut = max((o for o in offsets if needed <= o < n), default=n)
-        while self._message_starts and self._message_starts[0] < window_start + cut:
-            self._message_starts.popleft()  # evicted: no longer a place to cut
-        return cut
-
-    def _first_removable(self) -> int:
-        """The oldest stream index :meth:`_drop_newest` may cut back to.
+    def first_removable(self) -> int:
+        """The oldest stream index :meth:`drop_newest` may cut back to.
 
         Until something is evicted the cache holds the whole stream; after that, the window only
         (the kept tokens then stand before a gap and cannot be replaced).
         """
-        if self._cache.counters.evicted == 0:
+        if self.cache.counters.evicted == 0:
             return 0
-        return self._tokens_seen - self._cache.n_window
+        return self._tokens_seen - self.cache.n_window
 
     @_exclusive
-    def _drop_newest(self, n: int) -> None:
+    def drop_newest(self, n: int) -> None:
         """Take the ``n`` newest tokens out of the stream (a chat template rewrote them).
 
-        They must all be at or after :meth:`_first_removable`.
+        They must all be at or after :meth:`first_removable`.
         """
-        self._cache.drop_newest(n)
+        self.cache.drop_newest(n)
         self._tokens_seen -= n
-        while self._message_starts and self._message_starts[-1] > self._tokens_seen:
-            self._message_starts.pop()
         self._last_logits = None
 
     # -- feeding -------------------------------------------------------------------------------
@@ -358,7 +353,7 @@ class Session:
         tokens = self._bos_prefix(tokens) + tokens
         start = time.perf_counter()
         self._ingest(tokens, want=None)
-        self._count(self._feed_time, len(tokens), start)
+        self._feed_rate.add(len(tokens), start)
         return len(tokens)
 
     @_exclusive
@@ -390,7 +385,7 @@ class Session:
         if bos:  # fed first and not scored: the text's first token is then predicted from it
             self._ingest(bos, want=None)
         self._ingest(tokens, want=scored, nll=nll)
-        self._count(self._feed_time, len(tokens), start)
+        self._feed_rate.add(len(tokens), start)
         return nll
 
     def _bos_prefix(self, tokens: list[int]) -> list[int]:
@@ -420,7 +415,7 @@ class Session:
         if self.policy.recomputes:
             self._ingest_recomputing(tokens, want, nll)
             return
-        cache = self._cache
+        cache = self.cache
         if not self.policy.evicts:
             # A policy that never evicts refuses the whole input up front, so nothing is half-consumed.
             self.policy.evictions(self.n_ctx, cache.n_kept, cache.n_window, len(tokens))
@@ -432,8 +427,7 @@ class Session:
             # One batch is one step for Ctrl-C: an eviction's shift must not stay pending without its decode.
             with deferred_interrupt():
                 n_evict = self.policy.evictions(self.n_ctx, cache.n_kept, cache.n_window, len(batch))
-                if n_evict and self._message_starts:
-                    n_evict = self._align_to_message(n_evict, needed=cache.n_cached + len(batch) - self.n_ctx)
+                n_evict = self._aligned_eviction(n_evict, needed=cache.n_cached + len(batch) - self.n_ctx)
                 cache.evict(n_evict)
                 # Row j's logits predict token j+1; the last row is kept for what comes next.
                 logits_for = np.zeros(len(batch), dtype=np.int8)
@@ -450,14 +444,13 @@ class Session:
                     self._last_logits = None
 
     def _ingest_recomputing(self, tokens, want, nll) -> None:
-        cache = self._cache
+        cache = self.cache
         for i, token in enumerate(tokens):
             if want is not None:
                 self._score_first(token, want[i], nll, i)
             with deferred_interrupt():
                 n_evict = self.policy.evictions(self.n_ctx, cache.n_kept, cache.n_window, 1)
-                if n_evict and self._message_starts:
-                    n_evict = self._align_to_message(n_evict, needed=n_evict)
+                n_evict = self._aligned_eviction(n_evict, needed=n_evict)
                 cache.drop_oldest(n_evict)
                 cache.push_uncomputed(token, self._n_keep_target)  # computed lazily, only where logits are needed
                 self._tokens_seen += 1
@@ -481,15 +474,15 @@ class Session:
         """Logits predicting the next token, computing them if needed; None for an empty stream."""
         if self._last_logits is not None:
             return self._last_logits
-        if self._cache.n_cached == 0:
+        if self.cache.n_cached == 0:
             return None
         self._ensure_context_logits()
-        self._last_logits = self._cache.last_logits()
+        self._last_logits = self.cache.last_logits()
         return self._last_logits
 
     def _ensure_context_logits(self) -> None:
         """Make the context hold logits for the newest token (recompute's lazy feed, a restore)."""
-        cache = self._cache
+        cache = self.cache
         if cache.has_logits:
             return
         if self.policy.recomputes:
@@ -509,9 +502,9 @@ class Session:
         Each token is one step under the session's lock (see :class:`Session` on threads).
         """
         if max_tokens is not None and (not_int(max_tokens) or max_tokens < 1):
-            raise ValueError(f"max_tokens must be an integer >= 1 (or None for endless), got {max_tokens!r}")
-        params = sampling_params(sampling)
-        if self._cache.n_cached == 0:
+            raise SettingsError(f"max_tokens must be an integer >= 1 (or None for endless), got {max_tokens!r}")
+        params = SamplingParams.of(**sampling)
+        if self.cache.n_cached == 0:
             raise ValueError("nothing to continue: feed a prompt first")
         utf8, stops = Utf8Stream(), StopMatcher(stop_strings(stop))
         n = 0
@@ -520,7 +513,7 @@ class Session:
                 token, piece = self._generate_one(sampler)
                 n += 1
                 if piece is None:
-                    yield GenerationChunk(stops.flush() + utf8.flush(), None, "stop")
+                    yield GenerationChunk(stops.flush() + utf8.flush(), None, "stop", end_token=token)
                     return
                 text, stopped = stops.push(utf8.push(piece))
                 if stopped:
@@ -534,11 +527,10 @@ class Session:
         """Sample a token and feed it: (token, its bytes), or (token, None) for an end-of-generation token."""
         start = time.perf_counter()
         self._ensure_context_logits()
-        token = sampler.sample(self._cache.ctx)
+        token = sampler.sample(self.cache.ctx)
         self._ingest([token], want=None)
-        self._count(self._gen_time, 1, start)
+        self._gen_rate.add(1, start)
         if self.model.is_end_of_generation(token):
-            self.last_end_token_text = self.model.token_text(token)
             return token, None
         return token, self.model.token_bytes(token)
 
@@ -557,8 +549,6 @@ class Session:
     @_exclusive
     def save(self, path: "str | os.PathLike") -> None:
         """Save the session (cache, bookkeeping, conversation) to ``path`` atomically."""
-        from .persistence import save_session
-
         save_session(self, path)
 
     @_exclusive
@@ -568,12 +558,10 @@ class Session:
         Raises :class:`edgesink.SessionFileError` naming the cause; the session is then
         unchanged and usable.
         """
-        from .persistence import load_session
-
         load_session(self, path)
 
     @classmethod
-    def restore(cls, path: "str | os.PathLike", model: "Model | str | os.PathLike", **options) -> "Session":
+    def restore(cls, path: "str | os.PathLike", model: "Model", **options) -> "Session":
         """A new session continuing the stream saved at ``path``, with the settings it was saved with.
 
         ``options`` override the saved ones that a session may change (``batch_size``,
@@ -581,16 +569,14 @@ class Session:
         the saved settings and as many threads, the new session continues exactly as the saved
         one did: bitwise the same logits.
         """
-        from .persistence import read_session_header
-
         header = read_session_header(path)
-        policy = header["policy"]
-        settings = {"n_ctx": header["n_ctx"], "policy": policy["name"], "type_k": header["type_k"],
-                    "type_v": header["type_v"], **header.get("options", {}), **options}
-        if policy["name"] in ("sink", "halve"):
-            settings.setdefault("sinks", policy["sinks"])
-        if policy["name"] in ("sink", "window") and policy.get("evict_chunk"):
-            settings.setdefault("evict_chunk", policy["evict_chunk"])
+        try:
+            saved_policy = policy_from_dict(header["policy"]).to_dict()
+        except ValueError as e:
+            raise SessionFileError(f"{path} names a policy this edgesink does not know ({e})") from None
+        # The saved policy's own settings (sinks, evict_chunk); a conflicting option is refused by load().
+        settings = {"n_ctx": header["n_ctx"], "policy": saved_policy.pop("name"), **saved_policy,
+                    "type_k": header["type_k"], "type_v": header["type_v"], **header.get("options", {}), **options}
         session = cls(model, **settings)
         try:
             session.load(path)
@@ -599,83 +585,65 @@ class Session:
             raise
         return session
 
-    def _saved_state(self) -> dict:
-        cache, chat = self._cache, self._chat
+    @_exclusive
+    def snapshot(self) -> dict:
+        """The session's bookkeeping as plain JSON-able data: the cache layout, the stream's
+        counters and the conversation. With llama.cpp's sequence state it is all a save needs."""
+        chat = self._chat
         return {
-            "kept": cache.kept, "window": list(cache.window), "w0": cache.w0,
+            **self.cache.state(),
             "tokens_seen": self._tokens_seen, "n_keep_target": self._n_keep_target,
-            "pending_utf8": self._utf8_in.pending.hex(), "message_starts": list(self._message_starts),
-            "last_end_token_text": self.last_end_token_text,
-            "counters": vars(cache.counters).copy(), "shifts_since_refresh": cache.shifts_since_refresh,
+            "pending_utf8": self._utf8_in.pending.hex(),
             "chat": None if chat is None else chat.saved_state(),
         }
 
-    def _validate_saved_state(self, state: dict) -> None:
-        """Raise SessionFileError unless every field :meth:`_apply_saved_state` reads is sound."""
-        from .chat import saved_chat_problem
-        from .errors import SessionFileError
-
+    def check_snapshot(self, state: dict) -> None:
+        """Raise SessionFileError unless ``state`` is a snapshot :meth:`apply` can take for this session."""
         try:
-            problem = self._saved_stream_problem(state) or saved_chat_problem(state["chat"], state["tokens_seen"])
+            problem = (state_problem(state, n_ctx=self.n_ctx, n_vocab=self.model.n_vocab)
+                       or self._stream_problem(state) or saved_chat_problem(state["chat"], state["tokens_seen"]))
         except (KeyError, TypeError, ValueError, AttributeError):
             problem = "a field is missing or of the wrong type"
         if problem:
             raise SessionFileError(f"the session file's bookkeeping is inconsistent ({problem}); refusing it")
 
-    def _saved_stream_problem(self, state: dict) -> str | None:
-        """What is wrong with the stream's saved fields, or None."""
-        kept, window, seen = state["kept"], state["window"], state["tokens_seen"]
-        if not (isinstance(kept, list) and isinstance(window, list)):
-            return "kept and window must be lists"
-        tokens = kept + window
-        if len(tokens) > self.n_ctx or not all(_is_int(t) and 0 <= t < self.model.n_vocab for t in tokens):
-            return "cached tokens"
-        if not (_is_int(state["w0"]) and state["w0"] >= len(kept)):
-            return "w0"
+    def _stream_problem(self, state: dict) -> str | None:
+        """What is wrong with the session's own fields of a snapshot (the cache's are checked apart), or None."""
+        seen = state["tokens_seen"]
         if not (_is_int(state["n_keep_target"]) and 0 <= state["n_keep_target"] < self.n_ctx):
             return "n_keep_target"
-        if not (_is_int(seen) and seen >= len(tokens)):
+        if not (_is_int(seen) and seen >= len(state["kept"]) + len(state["window"])):
             return "tokens_seen"
         if not isinstance(state["pending_utf8"], str) or len(bytes.fromhex(state["pending_utf8"])) > 3:
             return "pending_utf8"
-        starts = state["message_starts"]
+        # Files of older versions kept these two here; the conversation keeps them now.
+        starts = state.get("message_starts", [])
         if not (isinstance(starts, list) and all(_is_int(i) and 0 <= i <= seen for i in starts)
                 and starts == sorted(starts)):
             return "message_starts"
-        if not isinstance(state["last_end_token_text"], str):
+        if not isinstance(state.get("last_end_token_text", ""), str):
             return "last_end_token_text"
-        counters, fields = state["counters"], vars(CacheCounters())
-        if not (isinstance(counters, dict) and set(counters) <= set(fields)
-                and all(_is_int(v) or (k == "decode_seconds" and isinstance(v, float))
-                        for k, v in counters.items())
-                and all(v >= 0 for v in counters.values())):
-            return "counters"
-        since_refresh = state.get("shifts_since_refresh", 0)  # absent in files of older versions
-        if not (_is_int(since_refresh) and since_refresh >= 0):
-            return "shifts_since_refresh"
         return None
 
-    def _apply_saved_state(self, state: dict) -> None:
-        from .chat import Chat
+    @_exclusive
+    def apply(self, state: dict) -> None:
+        """Take over the bookkeeping of a :meth:`snapshot` (checked by :meth:`check_snapshot`).
 
-        cache = self._cache
-        cache.kept = list(state["kept"])
-        cache.window = deque(state["window"])
-        cache.w0 = state["w0"]
-        cache.has_logits = False
-        cache.counters = CacheCounters(**state["counters"])
-        cache.shifts_since_refresh = state.get("shifts_since_refresh", 0)
+        Only the bookkeeping: the cache's llama.cpp contents must be put in place with it (as
+        :meth:`load` does); the newest token's logits are computed again at the next step.
+        """
+        self.cache.set_state(state)
         self._tokens_seen = state["tokens_seen"]
         self._n_keep_target = state["n_keep_target"]
         self._utf8_in = Utf8Stream(bytes.fromhex(state["pending_utf8"]))
-        self._message_starts = deque(state["message_starts"])
-        self.last_end_token_text = state["last_end_token_text"]
         self._last_logits = None
-        self._chat = None if state["chat"] is None else Chat.from_saved(self, state["chat"])
+        self._chat = None if state["chat"] is None else Chat.from_saved(self, state["chat"],
+                                                                        state.get("message_starts", []))
 
-    def _forget_logits(self) -> None:
+    @_exclusive
+    def forget_logits(self) -> None:
         """Drop the newest token's logits, as a restore does: the next step decodes that token again, alone."""
-        self._cache.has_logits = False
+        self.cache.has_logits = False
         self._last_logits = None
 
     # -- introspection ---------------------------------------------------------------------------
@@ -683,7 +651,7 @@ class Session:
     @property
     @_exclusive
     def stats(self) -> SessionStats:
-        cache = self._cache
+        cache = self.cache
         c = cache.counters
         first, last = cache.llama_pos_range()
         return SessionStats(
@@ -691,7 +659,7 @@ class Session:
             evictions=c.evicted, shifts=c.shifts, rebases=c.rebases, refreshes=c.refreshes,
             first_position=first, last_position=last,
             decode_seconds=c.decode_seconds, tokens_decoded=c.tokens_decoded,
-            feed_tokens_per_s=_rate(self._feed_time), generate_tokens_per_s=_rate(self._gen_time),
+            feed_tokens_per_s=self._feed_rate.per_second, generate_tokens_per_s=self._gen_rate.per_second,
             extra={"policy": self.policy.name, "n_ctx": self.n_ctx, "kept_forward": cache.kept_forward,
                    "rebuilds": c.rebuilds},
         )
@@ -708,12 +676,7 @@ class Session:
     @_exclusive
     def cached_tokens(self) -> list[int]:
         """The tokens in the cache, in stream order (kept first, then the window)."""
-        return self._cache.tokens()
-
-    @staticmethod
-    def _count(counter: list, n: int, start: float) -> None:
-        counter[0] += n
-        counter[1] += time.perf_counter() - start
+        return self.cache.tokens()
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -735,7 +698,3 @@ def _mask(positions: Iterable[int], n: int) -> np.ndarray:
 
 def _is_int(value) -> bool:
     return type(value) is int  # JSON's true/false are bools, which isinstance(..., int) lets through
-
-
-def _rate(counter: list) -> float:
-    return counter[0] / counter[1] if counter[1] > 0 else 0.0

@@ -106,7 +106,7 @@ def test_a_ctrl_c_noted_before_the_prompt_waits_still_gets_through():
     """
     code = textwrap.dedent("""
         import _thread, readline, threading
-        from edgesink.chat_cli import read_message
+        from edgesink.cli.chat import read_message
         # Once the prompt is drawn, from another thread: note a SIGINT without waking the wait.
         readline.set_pre_input_hook(lambda: threading.Timer(0.2, _thread.interrupt_main).start())
         try:

@@ -11,8 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from edgesink import Session
-from edgesink.chat_cli import HELP
-from edgesink.cli import main, split_model_and_files
+from edgesink.cli.chat import HELP
+from edgesink.cli import main
+from edgesink.cli.commands import split_model_and_files
 
 FAST = ["--n-ctx", "256", "--threads", "1"]
 GREEDY = ["--top-k", "1", "--seed", "1"]
@@ -83,6 +84,12 @@ def test_generate_is_deterministic_with_a_seed(model_path):
     (["generate", "-p", "x", "--seed", "many"], "'many' is not a valid integer"),
     (["feed", "no-such-file.txt"], "cannot read no-such-file.txt"),
     (["generate", "--bogus"], "No such option '--bogus'"),
+    (["generate", "-p", "x", "-o", "bogus=1"], "expected KEY=VALUE with KEY one of evict_chunk, batch_size"),
+    (["generate", "-p", "x", "-o", "evict_chunk"], "expected KEY=VALUE"),
+    (["generate", "-p", "x", "-o", "type_k=f8"], "unknown cache type 'f8' for type_k"),
+    (["generate", "-p", "x", "-o", "evict_chunk=0"], "evict_chunk must be >= 1"),
+    (["generate", "-p", "x", "--policy", "halve", "-o", "evict_chunk=4"], "policy 'halve' has no evict_chunk"),
+    (["generate", "-p", "x", "-o", "flash_attn=maybe"], "flash_attn must be True, False or None"),
 ])
 def test_bad_options_are_usage_errors(args, message):
     result = run(*args)
@@ -103,6 +110,20 @@ def test_errors_are_one_clear_line(args, message):
     assert result.exit_code != 0
     assert message in result.output and "Traceback" not in result.output
     assert result.output.startswith(("Error:", "Usage:"))
+
+
+def test_dash_o_reaches_every_other_session_setting(tmp_path, model):
+    """-o KEY=VALUE sets what has no flag of its own; the saved session shows each setting arrived."""
+    state = tmp_path / "s.state"
+    settings = {"evict_chunk": 8, "batch_size": 8, "type_k": "f32", "type_v": "q8_0", "shift_mode": "window-back",
+                "refresh_every": 7, "rebase_every": 99}
+    options = [arg for key, value in settings.items() for arg in ("-o", f"{key}={value}")]
+    ok(run("feed", "-", "--save", state, *options, *FAST, input="one two three four five six seven eight " * 40))
+    with Session.restore(state, model, n_threads=1) as restored:
+        config = restored.config
+        assert (config.policy.evict_chunk, config.batch_size, config.type_k, config.type_v) == (8, 8, "f32", "q8_0")
+        assert (config.shift_mode, config.refresh_every, config.rebase_every) == ("window-back", 7, 99)
+        assert restored.stats.evictions % 8 == 0 and restored.stats.evictions > 0
 
 
 def test_max_tokens_minus_one_means_until_the_model_ends():

@@ -7,8 +7,9 @@ import re
 import tempfile
 
 
-from edgesink import Session, feeding
-from edgesink.feeding import feed_files
+from edgesink import Session
+from edgesink.cli import feeding
+from edgesink.cli.feeding import feed_files
 from test_cli import GREEDY, run
 
 FAST = ["--n-ctx", "256", "--threads", "1"]

@@ -32,8 +32,8 @@ def test_sink_streams_past_the_window_and_the_cache(gemma, gemma_tokens):
         assert s.cached_tokens() == stream[:4] + stream[-(N_CTX - 4):]
         assert s.stats.tokens_in_cache == N_CTX and s.stats.evictions == len(stream) - N_CTX
         # llama.cpp's newest cell is the session's newest token, n_ctx - 1 positions after the sinks
-        assert C.llama_memory_seq_pos_max(s._cache.mem, 0) == s.stats.last_position
-        assert s.stats.last_position - (s._cache.w0 - 4) == N_CTX - 1
+        assert C.llama_memory_seq_pos_max(s.cache.mem, 0) == s.stats.last_position
+        assert s.stats.last_position - (s.cache.w0 - 4) == N_CTX - 1
         assert np.isfinite(s.next_logits()).all()
 
 

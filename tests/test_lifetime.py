@@ -100,7 +100,7 @@ def test_a_dropped_chat_session_frees_its_context_at_once(model):
         s = model.session(n_ctx=64, n_threads=1)
         s.start_chat("Be brief.")
         "".join(s.chat("Hi", max_tokens=2, seed=1))
-        cache = s._cache
+        cache = s.cache
         del s
         assert cache.ctx is None  # freed by the session's own finalizer, not by the cycle collector
     finally:

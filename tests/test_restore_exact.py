@@ -81,7 +81,7 @@ def test_restore_continues_past_refreshes_and_rebases(model, prose_tokens, tmp_p
     """The shifts counted towards the next refresh of the kept tokens travel with the session."""
     options = dict(n_ctx=128, batch_size=5, refresh_every=7, rebase_every=200)
     a, b = save_and_restore(model, prose_tokens[:128 + 53], tmp_path, **options)
-    assert b.batch_size == 5 and b._cache.refresh_every == 7 and b._cache.rebase_every == 200  # from the file
+    assert b.batch_size == 5 and b.cache.refresh_every == 7 and b.cache.rebase_every == 200  # from the file
     refreshes, rebases = a.stats.refreshes, a.stats.rebases
     check_continuation(a, b, prose_tokens[181:181 + 260], n_generate=12)
     assert a.stats.refreshes > refreshes and a.stats.rebases > rebases  # both happened after the restore

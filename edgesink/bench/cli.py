@@ -8,15 +8,16 @@ from pathlib import Path
 
 import click
 
+from .._native import PACKAGE_DIR
 from ..policies import POLICY_NAMES
 from .config import BenchConfig
+from .rerender import rerender
+from .runner import run_benchmark
 
 DEFAULTS = BenchConfig()
 
 
 def _default_stock_lib() -> str | None:
-    from .._native import PACKAGE_DIR
-
     folder = PACKAGE_DIR.parent / "build" / "stock" / "lib"  # 'make stock-lib' in a source checkout
     return str(folder) if folder.is_dir() else None
 
@@ -93,15 +94,11 @@ def bench(n_ctx, stock_lib, report_only, **options):
         config = BenchConfig(n_ctx=n_ctx, stock_lib=stock_lib, command=shlex.join(sys.argv), **options)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
-    from .runner import run_benchmark
-
     summary = run_benchmark(config)
     click.echo(f"results in {Path(config.out) / 'results.md'} ({summary['header']['run_seconds'] / 60:.1f} min)")
 
 
 def _rerender(out: Path) -> None:
-    from .rerender import rerender
-
     try:
         rerender(out, shlex.join(sys.argv))
     except (FileNotFoundError, KeyError, ValueError) as e:

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..policies import POLICY_NAMES
-
-DEFAULT_SINKS = 4  # the engine's default, used by sink and halve outside the sinks sweep
+from ..policies import DEFAULT_SINKS, POLICY_NAMES, ContextPolicy, default_batch_size, make_policy, settings_of
 # The K-cache type dimension: sink (chunk 1), whose few kept cells are shifted again and again,
 # runs with every type; halve, which shifts rarely, only with f32 as the reference for its drift.
 TYPE_POLICIES = {"sink": None, "halve": ("f32",)}
 
 
 def feed_batch(n_ctx: int) -> int:
-    """Tokens per feed batch: the engine's default (n_ctx/16, at most 64), passed explicitly.
+    """Tokens per feed batch: the engine's default, passed explicitly.
 
     A batch of b tokens evicts b first, so while feeding, sink with an evict_chunk that divides
     b computes exactly what chunk 1 does.
     """
-    return max(1, min(64, n_ctx // 16))
+    return default_batch_size(n_ctx)
 
 
 @dataclass(frozen=True)
@@ -35,33 +33,23 @@ class Variant:
     def of(cls, policy: str, n_ctx: int, cache_type_k: str = "f16", *, sinks: int = DEFAULT_SINKS,
            evict_chunk: int = 1) -> "Variant":
         """The variant of ``policy`` with the settings that apply to it (others normalised away)."""
-        if policy == "sink":
-            return cls(policy, n_ctx, sinks, evict_chunk, cache_type_k)
-        if policy == "window":
-            return cls(policy, n_ctx, 0, evict_chunk, cache_type_k)
-        if policy == "halve":
-            return cls(policy, n_ctx, sinks, None, cache_type_k)
-        return cls(policy, n_ctx, 0, None, cache_type_k)
+        takes = settings_of(policy)
+        made = make_policy(policy, sinks=sinks if "sinks" in takes and policy != "window" else None,
+                           evict_chunk=evict_chunk if "evict_chunk" in takes else None)
+        return cls(policy, n_ctx, made.sinks, getattr(made, "evict_chunk", None), cache_type_k)
+
+    @property
+    def context_policy(self) -> ContextPolicy:
+        return make_policy(self.policy, sinks=self.sinks, evict_chunk=self.evict_chunk)
 
     @property
     def label(self) -> str:
-        if self.policy == "sink":
-            return f"sink({self.sinks}, chunk {self.evict_chunk})"
-        if self.policy == "window" and self.evict_chunk != 1:
-            return f"window(chunk {self.evict_chunk})"
-        if self.policy == "halve":
-            return f"halve({self.sinks})"
-        return self.policy
+        return self.context_policy.label
 
     def session_options(self) -> dict:
         """Keyword arguments of :class:`edgesink.Session` for this variant."""
-        options = {"n_ctx": self.n_ctx, "policy": self.policy, "type_k": self.cache_type_k,
-                   "batch_size": feed_batch(self.n_ctx)}
-        if self.policy in ("sink", "halve"):
-            options["sinks"] = self.sinks
-        if self.evict_chunk is not None:
-            options["evict_chunk"] = self.evict_chunk
-        return options
+        return {"n_ctx": self.n_ctx, "policy": self.context_policy, "type_k": self.cache_type_k,
+                "batch_size": feed_batch(self.n_ctx)}
 
     def to_dict(self) -> dict:
         return {"policy": self.policy, "n_ctx": self.n_ctx, "sinks": self.sinks,

@@ -7,14 +7,15 @@ from typing import Iterator
 
 import numpy as np
 
-PIECE_CHARS = 65_536  # text is tokenized in pieces split at whitespace (bounded memory)
+from ..corpus import austen_path
+from ..textstream import Utf8Stream, text_pieces
+
+PIECE_BYTES = 65_536  # the file is read and tokenized in pieces (bounded memory)
 
 
 def text_source(path: "str | Path | None") -> tuple[str, Iterator[str]]:
     """A name for the text and its pieces: ``path`` (any UTF-8 file) or Jane Austen's novels."""
     if path is None:
-        from ..corpus import austen_path
-
         path, name = austen_path(), "Jane Austen's six novels (Debian r-cran-janeaustenr)"
     else:
         name = Path(path).name
@@ -22,18 +23,13 @@ def text_source(path: "str | Path | None") -> tuple[str, Iterator[str]]:
 
 
 def _pieces(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        carry = ""
-        while chunk := f.read(PIECE_CHARS):
-            text = carry + chunk
-            split = text.rfind(" ")
-            if split <= 0:
-                carry = text
-                continue
-            carry = text[split:]
-            yield text[:split]
-        if carry:
-            yield carry
+    """The file's text in pieces, cut as ``edgesink feed`` cuts a file (so both tokenize alike)."""
+    utf8 = Utf8Stream()
+    with open(path, "rb") as f:
+        while chunk := f.read(PIECE_BYTES):
+            yield from text_pieces(chunk, utf8)
+    if tail := utf8.flush():
+        yield tail
 
 
 def stream_tokens(model, path: "str | Path | None", n_tokens: int) -> tuple[str, np.ndarray]:

@@ -67,7 +67,7 @@ def measure_generation(model, variant: Variant, tokens: np.ndarray, *, gen_token
 
 def dense_step(session: Session) -> None:
     """Decode one token at a full cache without evicting: the newest cell is removed and re-decoded."""
-    session._cache.redecode_newest()
+    session.cache.redecode_newest()
 
 
 def measure_eviction_overhead(model, variant: Variant, tokens: np.ndarray, *, steps: int,

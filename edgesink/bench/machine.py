@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
+
+from .. import _native
+from ..info import pinned_commit
+from ..options import default_threads
+from ..version import __version__
 
 
 def _cpu_model() -> str:
@@ -27,9 +33,6 @@ def _memory_gib() -> float | None:
 
 def describe_machine(threads: int | None = None) -> dict:
     """CPU, cores, memory, OS, Python, the libllama loaded and how busy the machine was."""
-    from .. import __version__, _native
-    from ..info import pinned_commit
-    from ..options import default_threads
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
@@ -55,8 +58,6 @@ def summary_line(machine: dict) -> str:
 
 def publish(report: dict, json_path: str | None = None) -> None:
     """Print a script's result as JSON, with the machine it ran on, and save it if asked."""
-    import json
-
     report = {"machine": describe_machine(report.get("threads")), **report}
     text = json.dumps(report, indent=2)
     print(text)

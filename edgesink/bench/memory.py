@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import resource
+import sys
 
-# Bytes per stored value of the llama.cpp cache types (q8_0: blocks of 32 values + an f16 scale).
-TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
-              "q4_1": 20 / 32, "q4_0": 18 / 32}
+from ..options import TYPE_BYTES, estimate_kv_bytes
 
 
 def _status_kb(field: str) -> int | None:
@@ -40,8 +39,6 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
     kb = _status_kb("VmHWM")
     if kb is None:  # macOS reports bytes, Linux kilobytes
-        import sys
-
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / 2**20 if sys.platform == "darwin" else peak / 1024
     return kb / 1024
@@ -49,6 +46,4 @@ def peak_rss_mb() -> float:
 
 def kv_cache_bytes(model, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
     """Bytes of the K and V caches of ``n_ctx`` cells over all layers."""
-    from ..options import estimate_kv_bytes
-
     return estimate_kv_bytes(model, n_ctx, bytes_per_value=(TYPE_BYTES[type_k] + TYPE_BYTES[type_v]) / 2)

@@ -26,7 +26,7 @@ def measure_quality(model, variant: Variant, tokens: np.ndarray, positions: np.n
     other policies at every position. ``dense`` stops when its cache is full.
     """
     with Session(model, **variant.session_options(), n_threads=threads) as session:
-        n = min(len(tokens), variant.n_ctx) if variant.policy == "dense" else len(tokens)
+        n = min(len(tokens), variant.n_ctx) if not variant.context_policy.evicts else len(tokens)
         nll = np.full(len(tokens), np.nan)
         chunk = session.batch_size * CHUNK_BATCHES  # whole batches: the same as one call
         recompute = session.policy.recomputes

@@ -12,6 +12,8 @@ import csv
 import json
 from pathlib import Path
 
+from .report import write_all
+from .runner import draw_plots
 from .soak import memory_figures
 
 SUMMARY_KEYS = ("rows", "speedup", "overhead", "segments", "stream_curves", "sinks_sweep", "cache_types", "soak",
@@ -35,8 +37,6 @@ def load_run(out: Path) -> tuple[dict, dict]:
 
 def rerender(out: Path, command: str) -> list[str]:
     """Re-write ``out``'s report and plots from its saved JSON; returns the plots written."""
-    from .report import write_all
-    from .runner import draw_plots
 
     header, summary = load_run(out)
     old_plots = set(header.get("plots") or [])

@@ -3,32 +3,41 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from .. import _native
+from ..loading import load
+from ..resolve import resolve_model
 from .config import BenchConfig, Job, plan
 from .corpus import stream_tokens, uniform_sample
 from .latency import WARMUP_STEPS
+from .machine import describe_machine
+from .plots import plot_all
 from .quality import recompute_cost
+from .report import write_all
 from .summary import Measured, summarize
 from .worker import run_in_worker, run_job
 
 
 def job_cost(job: Job, config: BenchConfig, sample: np.ndarray) -> int:
     """Work of a job in token-equivalents (tokens decoded), for the progress bar."""
-    n_ctx, policy = job.variant.n_ctx, job.variant.policy
+    n_ctx, policy = job.variant.n_ctx, job.variant.context_policy
     if job.kind == "quality":
-        if policy == "recompute":
+        if policy.recomputes:
             return recompute_cost(sample[sample < job.n_tokens], n_ctx)
-        return min(job.n_tokens, n_ctx) if policy == "dense" else job.n_tokens
+        return job.n_tokens if policy.evicts else min(job.n_tokens, n_ctx)
     if job.kind == "latency":
-        if policy == "recompute":
+        if policy.recomputes:
             return config.gen_tokens_recompute * n_ctx
-        return n_ctx + config.gen_tokens if policy == "dense" else n_ctx + config.feed_tokens + config.gen_tokens
+        return n_ctx + config.feed_tokens + config.gen_tokens if policy.evicts else n_ctx + config.gen_tokens
     if job.kind == "overhead":
         return n_ctx + 2 * (WARMUP_STEPS + config.overhead_steps)
     return job.n_tokens
@@ -42,7 +51,7 @@ def _job_spec(job: Job, config: BenchConfig, model_path: Path, tokens_file: Path
         spec["positions"] = sample[sample < job.n_tokens].tolist()
         spec["nll_file"] = str(work / f"nll-{index}.npy")
     elif job.kind == "latency":
-        gen = config.gen_tokens_recompute if job.variant.policy == "recompute" else config.gen_tokens
+        gen = config.gen_tokens_recompute if job.variant.context_policy.recomputes else config.gen_tokens
         spec["options"] = {"gen_tokens": gen, "feed_tokens": config.feed_tokens}
     elif job.kind == "overhead":
         spec["options"] = {"steps": config.overhead_steps}
@@ -63,8 +72,6 @@ def _worker_env(stock_lib: str | None) -> dict:
 def _progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
-    import sys
-
     interval = 0.5 if sys.stderr.isatty() else 30  # a log file gets a line every 30 s, not a flood
     return tqdm(total=total, unit="tok", unit_scale=True, disable=not enabled, dynamic_ncols=True, mininterval=interval,
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} token-steps [{elapsed}<{remaining}]")
@@ -72,11 +79,6 @@ def _progress_bar(total: int, enabled: bool):
 
 def run_benchmark(config: BenchConfig, *, progress: bool = True) -> dict:
     """Run every job of ``config``, write the reports into ``config.out`` and return the summary."""
-    from .. import _native
-    from ..model import load
-    from ..resolve import resolve_model
-    from .machine import describe_machine
-    from .report import write_all
 
     started = time.perf_counter()
     out = Path(config.out)
@@ -128,14 +130,10 @@ def run_benchmark(config: BenchConfig, *, progress: bool = True) -> dict:
 
 def draw_plots(out: Path, summary: dict, header: dict) -> list[str]:
     """The PNG plots of a run into ``out`` (none without matplotlib); returns their names."""
-    import importlib.util
-    import warnings
 
     if importlib.util.find_spec("matplotlib") is None:
         warnings.warn("no plots: matplotlib is missing (pip install 'edgesink[bench]')", RuntimeWarning, stacklevel=2)
         return []
-    from .plots import plot_all
-
     return plot_all(out, summary, header)
 
 

@@ -33,7 +33,7 @@ def shared_positions(sample: np.ndarray, measured: list[Measured], n_ctx: int, n
     """The sample positions below ``n_tokens`` that recompute scored at ``n_ctx`` (all, without recompute)."""
     positions = sample[sample < n_tokens]
     for m in measured:
-        if m.job.kind == "quality" and m.job.variant.policy == "recompute" and m.job.variant.n_ctx == n_ctx:
+        if m.job.kind == "quality" and m.job.variant.context_policy.recomputes and m.job.variant.n_ctx == n_ctx:
             positions = positions[np.isfinite(m.nll[positions])] if len(positions) else positions
     return positions
 
@@ -118,9 +118,9 @@ def _against_recompute(q: Measured, quality: dict, positions: np.ndarray) -> dic
     v = q.job.variant
     # recompute never shifts, so the K type of its reference matters little: prefer the same one
     refs = [m for w, m in quality.items()
-            if w.policy == "recompute" and w.n_ctx == v.n_ctx and m.job.n_tokens >= q.job.n_tokens]
+            if w.context_policy.recomputes and w.n_ctx == v.n_ctx and m.job.n_tokens >= q.job.n_tokens]
     ref = min(refs, key=lambda m: m.job.variant.cache_type_k != v.cache_type_k) if refs else None
-    if ref is None or v.policy == "recompute":
+    if ref is None or v.context_policy.recomputes:
         return {}
     d = q.nll[positions] - ref.nll[positions]
     d = d[np.isfinite(d)]

@@ -21,16 +21,16 @@ from typing import Callable
 import numpy as np
 
 from ..child import CWD, child_env, isolated_python
+from ..loading import load
+from .config import Variant
+from .latency import measure_eviction_overhead, measure_generation
+from .memory import kv_cache_bytes, peak_rss_mb
+from .quality import measure_quality
+from .soak import run_soak
 
 
 def run_job(job: dict, progress: Callable[[int], None] = lambda n: None) -> dict:
     """Run one job (a dict made by :mod:`edgesink.bench.runner`) in this process."""
-    from ..model import load
-    from .config import Variant
-    from .latency import measure_eviction_overhead, measure_generation
-    from .memory import kv_cache_bytes, peak_rss_mb
-    from .quality import measure_quality
-    from .soak import run_soak
 
     variant = Variant(**job["variant"])
     tokens = np.load(job["tokens_file"])[: job.get("n_tokens") or None]

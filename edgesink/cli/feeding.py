@@ -6,6 +6,8 @@ import sys
 import time
 from typing import BinaryIO, Iterable
 
+from .stats import stream_line
+
 READ_BYTES = 1 << 16  # files are read and fed in pieces: memory stays bounded for any size
 PROGRESS_SECONDS = 1.0  # at most one progress report per this many seconds
 
@@ -38,11 +40,8 @@ def feed_files(session, files: Iterable[BinaryIO], out=sys.stderr, every_seconds
 
 def final_stats(session, fed: int, elapsed: float) -> str:
     """One line: what this feed did and where the whole stream stands."""
-    stats = session.stats
     rate = fed / elapsed if elapsed else 0
-    return (f"fed {fed} tokens in {elapsed:.1f} s ({rate:.0f} tokens/s); tokens seen {stats.tokens_seen}, "
-            f"in cache {stats.tokens_in_cache} (kept {stats.tokens_kept}), evicted {stats.evictions}, "
-            f"positions {stats.first_position}..{stats.last_position}")
+    return f"fed {fed} tokens in {elapsed:.1f} s ({rate:.0f} tokens/s); {stream_line(session.stats)}"
 
 
 def _is_terminal(out) -> bool:

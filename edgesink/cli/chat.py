@@ -10,20 +10,22 @@ from pathlib import Path
 
 import click
 
-from .errors import EdgesinkError, SystemPromptTooLongError
+from ..errors import EdgesinkError, SystemPromptTooLongError
+from .stats import speed_line, stream_line
 
 PROMPT = ">>> "
 PROMPT_WAKE_S = 0.1  # how often the wait at the prompt wakes to act on a Ctrl-C already noted
 HISTORY_FILE = Path("~/.cache/edgesink/chat_history")
-HELP = """commands:
+# The in-chat commands, listed by /help and by 'edgesink chat --help' alike.
+COMMANDS = """\
   /reset        forget the conversation (the system prompt stays)
   /stats        tokens seen, in cache, evictions, speed
   /save FILE    save the session (cache and conversation)
   /load FILE    load a session saved with /save (a stream saved by feed: chat after it)
   /system TEXT  start over with a new system prompt (one too long is refused, changing nothing)
-  /help         this help
-  /exit         quit (or Ctrl-D)
-Ctrl-C stops a reply and keeps the session."""
+  /help         list these commands
+  /exit         quit (or Ctrl-D)"""
+HELP = f"commands:\n{COMMANDS}\nCtrl-C stops a reply and keeps the session."
 
 
 def run_chat(session, *, system: str | None, generation: dict, interactive: bool) -> None:
@@ -117,7 +119,8 @@ def run_command(session, line: str) -> str | None:
             session.reset()
             click.echo("[conversation reset]")
         elif name == "/stats":
-            click.echo(format_stats(session.stats))
+            stats = session.stats
+            click.echo(f"{stream_line(stats)}, {speed_line(stats)}")
         elif name == "/system":
             if not arg:
                 raise click.UsageError("/system needs the new system prompt")
@@ -154,12 +157,6 @@ def load(session, path: Path) -> None:
     except SystemPromptTooLongError as e:
         note = f"; without the system prompt ({e})"
     click.echo(f"[loaded {path}: a stream of {n} cached tokens, not a chat; the conversation continues after it{note}]")
-
-
-def format_stats(stats) -> str:
-    return (f"tokens seen {stats.tokens_seen}, in cache {stats.tokens_in_cache} (kept {stats.tokens_kept}), "
-            f"evicted {stats.evictions}, positions {stats.first_position}..{stats.last_position}, "
-            f"generate {stats.generate_tokens_per_s:.1f} tokens/s, feed {stats.feed_tokens_per_s:.0f} tokens/s")
 
 
 def _setup_line_editing() -> None:

@@ -7,19 +7,57 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
-from . import __version__, _native
-from .errors import EdgesinkError
-from .options import MAX_THREADS
-from .policies import POLICY_NAMES
+from .. import _native
+from ..bench.cli import bench
+from ..config import SETTING_NAMES, SessionConfig
+from ..errors import EdgesinkError, SessionFileError, SessionSaveError, SettingsError
+from ..hub import cached_models, hub_cache_dir, pull_model
+from ..info import format_info, system_info
+from ..loading import load
+from ..options import MAX_THREADS
+from ..persistence import read_session_header
+from ..policies import POLICY_NAMES
+from ..registry import load_registry
+from ..resolve import names_hub_model
+from ..sampling import SamplingParams
+from ..session import Session
+from ..version import __version__
+from . import feeding
+from .chat import COMMANDS, run_chat
+
+
+@dataclass(frozen=True)
+class SessionArgs:
+    """What the session options of a command asked for."""
+
+    n_ctx: int
+    policy: str
+    sinks: int | None
+    threads: int | None
+    n_gpu_layers: int
+    verbose: bool
+    settings: dict  # from -o KEY=VALUE
+    given: frozenset  # the options set on the command line (not defaults): they override a saved session's
+
+    def config(self) -> SessionConfig:
+        """The session's checked settings (SettingsError names a bad one)."""
+        return SessionConfig.of(n_ctx=self.n_ctx, policy=self.policy, sinks=self.sinks, n_threads=self.threads,
+                                **self.settings)
+
+
+# Settings with a flag of their own; the others are reached with -o KEY=VALUE.
+FLAGGED = {"n_ctx", "policy", "sinks", "n_threads"}
+EXTRA_SETTINGS = [name for name in SETTING_NAMES if name not in FLAGGED]
 
 
 def session_options(fn):
-    """Options shared by every command that opens a session."""
+    """Options shared by every command that opens a session; the command gets them as ``session_args``."""
     options = [
         click.option("--n-ctx", type=click.IntRange(min=2), default=2048, show_default=True,
                      help="Cache size in tokens (the stream itself is unbounded)."),
@@ -33,11 +71,46 @@ def session_options(fn):
                      help="CPU threads (default: every CPU this process may use)."),
         click.option("--n-gpu-layers", type=click.IntRange(min=-1), default=-1, show_default=True,
                      help="Layers offloaded to the GPU in GPU builds (-1: all, 0: none)."),
+        click.option("-o", "--option", "settings", multiple=True, metavar="KEY=VALUE", callback=parse_settings,
+                     help=f"Any other session setting, repeatable: {', '.join(EXTRA_SETTINGS)} "
+                          "(see the Python API's Session; e.g. -o evict_chunk=8 -o type_k=q8_0)."),
         click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
     ]
+
+    @functools.wraps(fn)
+    def wrapper(*, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, settings, **kwargs):
+        ctx = click.get_current_context()
+        given = frozenset(name for name in ("n_ctx", "policy", "sinks", "threads", "settings")
+                          if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT))
+        args = SessionArgs(n_ctx, policy, sinks, threads, n_gpu_layers, verbose, settings, given)
+        return fn(session_args=args, **kwargs)
+
     for option in reversed(options):
-        fn = option(fn)
-    return fn
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def parse_settings(ctx, param, values) -> dict:
+    """``-o KEY=VALUE`` pairs as keyword settings: integers, true/false/none, or text."""
+    settings = {}
+    for item in values:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in EXTRA_SETTINGS:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(EXTRA_SETTINGS)}",
+                                     ctx=ctx, param=param)
+        settings[key] = _setting_value(text.strip())
+    return settings
+
+
+def _setting_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[lowered]
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def sampling_options(fn):
@@ -71,8 +144,6 @@ def resume_option(fn):
 
 def check_session_file(ctx, param, value):
     """A --resume file must be a whole edgesink session file: checked before the model loads."""
-    from .persistence import SessionFileError, read_session_header
-
     if value is not None:
         try:
             read_session_header(value, check_payload=True)  # the payload is hashed in pieces, not held
@@ -93,45 +164,50 @@ def check_save_path(ctx, param, value):
 
 
 def friendly_errors(fn):
-    """Turn edgesink's and the user's errors into a message and exit status 1, not a traceback."""
+    """Turn edgesink's errors (and the system's: a missing file, a full disk) into a message and exit
+    status 1. Anything else is a bug, and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (EdgesinkError, ValueError, OSError) as e:
+        except (EdgesinkError, OSError) as e:
             raise click.ClickException(str(e)) from e
 
     return wrapper
 
 
-def open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, resume=None):
-    """A new session, or with ``resume`` the stream saved in that file (Session.restore)."""
-    from .model import load
-    from .session import Session
+def open_session(model, args: SessionArgs, resume=None) -> Session:
+    """A new session, or with ``resume`` the stream saved in that file (Session.restore).
 
-    _native.set_verbose(verbose)
-    if sys.stderr.isatty():  # a first load checks the file in a child process: say why we wait
-        click.echo(f"loading {model or 'the default model'} ...", err=True)
-    loaded = load(model, n_gpu_layers=n_gpu_layers)
+    The settings are checked before the model loads: a mistake costs no waiting.
+    """
     if resume:
         # The saved settings apply unless given on the command line; a conflict is then a clean error.
-        given = given_options(n_ctx=n_ctx, policy=policy, sinks=sinks)
-        return Session.restore(resume, loaded, n_threads=threads, **given)
-    return Session(loaded, n_ctx=n_ctx, policy=policy, sinks=sinks, n_threads=threads)
+        given = {"n_ctx": args.n_ctx, "policy": args.policy, "sinks": args.sinks}
+        overrides = {name: value for name, value in given.items() if name in args.given}
+        overrides.update(args.settings)
+        config = None
+    else:
+        config = _checked(args.config)
+    _native.set_verbose(args.verbose)
+    if sys.stderr.isatty():  # a first load checks the file in a child process: say why we wait
+        click.echo(f"loading {model or 'the default model'} ...", err=True)
+    loaded = load(model, n_gpu_layers=args.n_gpu_layers)
+    if resume:
+        return Session.restore(resume, loaded, n_threads=args.threads, **overrides)
+    return Session(loaded, config)
 
 
-def given_options(**values) -> dict:
-    """The values among ``values`` that the user set (not click's defaults)."""
-    ctx = click.get_current_context()
-    return {name: value for name, value in values.items()
-            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
+def _checked(make_config) -> SessionConfig:
+    try:
+        return make_config()
+    except SettingsError as e:
+        raise click.UsageError(str(e)) from e
 
 
 def sampling_from(temp, top_k, top_p, min_p, repeat_penalty, seed, max_tokens) -> dict:
     """Generation settings for Session.generate / Session.chat, checked before a model is loaded."""
-    from .sampling import SamplingParams
-
     if max_tokens == 0 or max_tokens < -1:
         raise click.BadParameter("must be >= 1, or -1 for no limit", param_hint="'--max-tokens'")
     settings = {"temperature": temp, "top_k": top_k, "top_p": top_p, "min_p": min_p,
@@ -177,8 +253,6 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def info(as_json):
     """Versions, libllama (patched or not), devices, the default model."""
-    from .info import format_info, system_info
-
     data = system_info()
     click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
 
@@ -193,8 +267,6 @@ def pull(spec):
     picks the repo's GGUF for that quantization (default Q4_K_M), owner/repo/file.gguf names
     the file. Split models are fetched whole. Each file's sha256 is checked against the Hub's.
     """
-    from .hub import pull_model
-
     click.echo(pull_model(spec))
 
 
@@ -202,8 +274,6 @@ def pull(spec):
 @friendly_errors
 def models():
     """Known models and the models fetched here, with sizes."""
-    from .hub import cached_models, hub_cache_dir
-    from .registry import load_registry
 
     cached = cached_models()
     by_file = {(repo, name): (path, size) for repo, name, path, size in cached}
@@ -233,7 +303,7 @@ def _size(n_bytes: int) -> str:
 @click.option("-p", "--prompt", default=None, help="The text to continue (default: standard input).")
 @resume_option
 @friendly_errors
-def generate(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, prompt, resume_path, **sampling):
+def generate(model, session_args, prompt, resume_path, **sampling):
     """Continue a prompt: plain text, no chat template.
 
     With --max-tokens -1 it goes on without end, through as many cache evictions as it takes,
@@ -242,7 +312,7 @@ def generate(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, prompt
     """
     generation = sampling_from(**sampling)
     text = read_prompt(prompt, resuming=resume_path is not None)
-    with open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, resume=resume_path) as session:
+    with open_session(model, session_args, resume=resume_path) as session:
         if text:
             session.feed(text)
         stream_out(session.generate(**generation))
@@ -272,8 +342,7 @@ def read_prompt(prompt: str | None, resuming: bool) -> str:
 @resume_option
 @sampling_options
 @friendly_errors
-def feed(args, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, then_prompt, save_path, resume_path,
-         **sampling):
+def feed(args, session_args, then_prompt, save_path, resume_path, **sampling):
     """Stream text files through a session and print the stats.
 
     Any amount of text goes through at constant memory. FILE may be '-' for standard input, which is also read when no FILE is given. The first
@@ -282,17 +351,14 @@ def feed(args, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, then_prompt
     continue later: 'feed --resume' feeds more, 'generate --resume' continues it (so does the
     Python API's Session.restore).
     """
-    from .feeding import feed_files
-
     generation = sampling_from(**sampling)
     model, names = split_model_and_files(args)
     opened = [open_input(name) for name in names if name != "-"]
     stdin = getattr(sys.stdin, "buffer", sys.stdin)
     files = [stdin if name == "-" else opened.pop(0) for name in names] or [stdin]
     try:
-        with open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose,
-                          resume=resume_path) as session:
-            feed_files(session, files, out=sys.stderr)
+        with open_session(model, session_args, resume=resume_path) as session:
+            feeding.feed_files(session, files, out=sys.stderr)
             if then_prompt:
                 session.feed(then_prompt)
                 stream_out(session.generate(**generation))
@@ -310,8 +376,6 @@ def save_or_rescue(session, path: str) -> None:
     The folder was checked before feeding, but a long feed's work must not be lost to a failure
     at the very end.
     """
-    from .persistence import SessionSaveError
-
     try:
         session.save(path)
     except SessionSaveError as e:
@@ -326,8 +390,6 @@ def save_or_rescue(session, path: str) -> None:
 
 def looks_like_model(text: str) -> bool:
     """A .gguf path, a registry name or a Hub spec (and not an existing text file)."""
-    from .registry import load_registry
-    from .resolve import names_hub_model
 
     if text == "-":
         return False
@@ -349,45 +411,37 @@ def open_input(name: str):
         raise click.BadParameter(f"cannot read {name}: {e.strerror}", param_hint="FILE") from e
 
 
-@main.command()
+CHAT_HELP = f"""Chat without end: the cache evicts old messages, the chat goes on.
+
+When the cache is full the oldest turns are evicted whole and the system prompt stays (only
+a single turn longer than the cache is cut inside). Replies stream as they are generated.
+Ctrl-C stops a reply and keeps the conversation; Ctrl-D or /exit quits. Commands in the chat:
+
+\b
+{COMMANDS}
+
+When standard input is not a terminal, each line is a message and the replies are printed
+in turn, so a chat can be scripted:
+
+\b
+  printf 'Hi\\nWhat did I say?\\n' | edgesink chat
+"""
+
+
+@main.command(help=CHAT_HELP)
 @click.argument("model", required=False)
 @session_options
 @sampling_options
 @click.option("--system", default=None, help="System prompt (at most half of --n-ctx); kept in the cache for ever, like the sinks.")
 @friendly_errors
-def chat(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, system, **sampling):
-    """Chat without end: the cache evicts old messages, the chat goes on.
-
-    When the cache is full the oldest turns are evicted whole and the system prompt stays (only
-    a single turn longer than the cache is cut inside). Replies stream as they are generated.
-    Ctrl-C stops a reply and keeps the conversation; Ctrl-D or /exit quits. Commands in the chat:
-
-    \b
-      /reset        forget the conversation (the system prompt stays)
-      /stats        tokens seen, in cache, evictions, speed
-      /save FILE    save the session (cache and conversation)
-      /load FILE    load a session saved with /save (or a stream saved by feed --save)
-      /system TEXT  start over with a new system prompt
-      /help         list these commands
-      /exit         quit
-
-    When standard input is not a terminal, each line is a message and the replies are printed
-    in turn, so a chat can be scripted:
-
-    \b
-      printf 'Hi\\nWhat did I say?\\n' | edgesink chat
-    """
-    from .chat_cli import run_chat
-
+def chat(model, session_args, system, **sampling):
     generation = sampling_from(**sampling)
-    with open_session(model, n_ctx, policy, sinks, threads, n_gpu_layers, verbose) as session:
+    with open_session(model, session_args) as session:
         run_chat(session, system=system, generation=generation, interactive=sys.stdin.isatty())
 
 
 def _add_bench_command() -> None:
     # The context-shift benchmark lives in edgesink.bench; its command imports nothing heavy.
-    from .bench.cli import bench
-
     main.add_command(bench)
 
 
