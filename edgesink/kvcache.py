@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from ._native import C
-from .errors import DecodeError
+from .errors import ContextCreationError, DecodeError
 from .layout import CacheLayout, EncodeKeptFresh, MemoryOp, Remove, Shift
 
 STREAM_SEQ = 0  # the stream lives in sequence 0
@@ -68,7 +68,7 @@ class StreamCache:
         self.capacity = capacity
         self.ctx = C.llama_init_from_model(model.handle, ctx_params)
         if not self.ctx:
-            raise ValueError(
+            raise ContextCreationError(
                 f"llama.cpp could not create a context of n_ctx {capacity} for {model.path.name} "
                 "(out of memory, or a parameter it rejects; see --verbose)"
             )
