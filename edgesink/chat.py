@@ -128,6 +128,12 @@ class Chat:
         self.message_starts: deque[int] = deque()
 
     @property
+    def render_from(self) -> int:
+        """The index of the oldest message the template renders (a leading system prompt aside):
+        older ones stay in :attr:`messages` but are no longer rendered, so a turn's cost stays flat."""
+        return self._render_from
+
+    @property
     def session(self):
         """The session this chat belongs to (ClosedError once it is gone)."""
         session = self._session()

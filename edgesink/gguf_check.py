@@ -37,7 +37,7 @@ from . import _native
 from ._native import C
 from .child import CWD, child_env, isolated_python, library_file
 from .errors import ModelLoadError
-from .registry import cached_sha256, write_json_cache
+from .filecache import cache_dir, cached_sha256, write_json_cache
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3  # the newest version the pinned llama.cpp reads
@@ -439,7 +439,7 @@ def probe_once(path: Path, sha256: str) -> None:
 
 
 def file_sha256(path: Path) -> str:
-    """The file's sha256 (remembered per file identity, see ``registry.cached_sha256``)."""
+    """The file's sha256 (remembered per file identity, see ``filecache.cached_sha256``)."""
     try:
         return cached_sha256(path)
     except OSError as e:
@@ -460,7 +460,7 @@ def _library_id() -> str:
 
 
 def _cache_file() -> Path:
-    return Path.home() / ".cache" / "edgesink" / "probed.json"
+    return cache_dir() / "probed.json"
 
 
 def _probe_cached(key: str) -> bool:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from . import _native
-from .registry import default_model_name, load_registry
+from .fetch.registry import default_model_name, load_registry
 from .version import __version__
 
 PIN_FILE = _native.PACKAGE_DIR.parent / "native" / "upstream.json"

@@ -281,14 +281,14 @@ def state_problem(state: dict, *, n_ctx: int, n_vocab: int) -> str | None:
     if not (isinstance(kept, list) and isinstance(window, list)):
         return "kept and window must be lists"
     tokens = kept + window
-    if len(tokens) > n_ctx or not all(_is_int(t) and 0 <= t < n_vocab for t in tokens):
+    if len(tokens) > n_ctx or not all(is_json_int(t) and 0 <= t < n_vocab for t in tokens):
         return "cached tokens"
-    if not (_is_int(state["w0"]) and state["w0"] >= len(kept)):
+    if not (is_json_int(state["w0"]) and state["w0"] >= len(kept)):
         return "w0"
     if not _counters_sound(state["counters"]):
         return "counters"
     since_refresh = state.get("shifts_since_refresh", 0)  # absent in files of older versions
-    if not (_is_int(since_refresh) and since_refresh >= 0):
+    if not (is_json_int(since_refresh) and since_refresh >= 0):
         return "shifts_since_refresh"
     return None
 
@@ -297,9 +297,11 @@ def _counters_sound(counters) -> bool:
     """Known fields only (missing ones start at 0), each a count >= 0 (decode_seconds may be a float)."""
     known = {f.name for f in fields(CacheCounters)}
     return (isinstance(counters, dict) and set(counters) <= known
-            and all(_is_int(v) or (k == "decode_seconds" and isinstance(v, float)) for k, v in counters.items())
+            and all(is_json_int(v) or (k == "decode_seconds" and isinstance(v, float)) for k, v in counters.items())
             and all(v >= 0 for v in counters.values()))
 
 
-def _is_int(value) -> bool:
-    return type(value) is int  # JSON's true/false are bools, which isinstance(..., int) lets through
+def is_json_int(value) -> bool:
+    """An integer read from JSON (saved state): JSON's true/false arrive as bools, which
+    ``isinstance(value, int)`` would let through."""
+    return type(value) is int

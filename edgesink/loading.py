@@ -1,7 +1,7 @@
 """``edgesink.load``: from what a user typed (a path, a registry name, a Hub spec) to a loaded Model.
 
 It joins the two halves that know nothing of each other: finding or fetching the file
-(:mod:`edgesink.resolve`, which may download) and loading it (:class:`edgesink.Model`).
+(:mod:`edgesink.fetch`, which may download) and loading it (:class:`edgesink.Model`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from .model import Model
-from .resolve import resolve_model
+from .fetch.resolve import resolve_model
 
 
 def load(model: "str | os.PathLike | Model | None", **options) -> Model:

@@ -40,7 +40,7 @@ from . import _native
 from ._native import C
 from .errors import SessionFileError, SessionSaveError
 from .kvcache import STREAM_SEQ, deferred_interrupt
-from .policies import policy_from_dict
+from .policies import ContextPolicy, policy_from_dict
 
 __all__ = ["SessionFileError", "SessionSaveError", "load_session", "read_session_file", "read_session_header",
            "save_session"]
@@ -66,7 +66,7 @@ def save_session(session, path: "str | os.PathLike") -> None:
         raise SessionSaveError(f"could not save the session to {path}: its bookkeeping takes {len(header) >> 20} MiB, "
                                f"more than a session file holds ({_MAX_HEADER >> 20} MiB); start a new conversation")
     blob = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)) + header + hashlib.sha256(header).digest()
-    _atomic_write(Path(path), [blob, payload])
+    atomic_write(Path(path), [blob, payload])
 
 
 def _match_a_restore(session, payload: bytearray) -> None:
@@ -99,7 +99,7 @@ def load_session(session, path: "str | os.PathLike") -> None:
     path = Path(path)
     with _open_regular_file(path) as (f, size):
         header = _read_header(f, path)
-        _check_compatible(session, header)
+        _check_compatible(session, header, path)
         session.check_snapshot(header["state"])
         _check_payload_fits(session, header, path)
         _check_payload_length(header, size - f.tell(), path)
@@ -115,6 +115,22 @@ def load_session(session, path: "str | os.PathLike") -> None:
             _set_sequence_state(session, backup)
             session.apply(backup_state)
             raise
+
+
+def saved_settings(path: "str | os.PathLike") -> dict:
+    """The settings of the session saved at ``path``, as :class:`~edgesink.Session` takes them:
+    ``n_ctx``, the policy and its own settings, the cache types and the saved options."""
+    header = read_session_header(path)
+    policy = _saved_policy(header, Path(path)).to_dict()
+    return {"n_ctx": header["n_ctx"], "policy": policy.pop("name"), **policy,
+            "type_k": header["type_k"], "type_v": header["type_v"], **header.get("options", {})}
+
+
+def _saved_policy(header: dict, path: Path) -> ContextPolicy:
+    try:
+        return policy_from_dict(header["policy"])
+    except ValueError as e:
+        raise SessionFileError(f"{path} names a policy this edgesink does not know ({e})") from None
 
 
 def read_session_header(path: "str | os.PathLike", *, check_payload: bool = False) -> dict:
@@ -331,7 +347,7 @@ def _check_payload_layout(path: Path, header: dict, payload) -> None:
     A checksum only catches accidents; this catches a payload that does not describe this stream
     (llama.cpp asserts on some inconsistent cell lists) before llama.cpp parses it.
     """
-    if policy_from_dict(header["policy"]).recomputes:
+    if _saved_policy(header, path).recomputes:
         return  # the recompute policy's cache is rebuilt from the token list on restore
     try:
         state = header["state"]
@@ -370,7 +386,7 @@ def _header(session, payload: bytes) -> dict:
     }
 
 
-def _check_compatible(session, header: dict) -> None:
+def _check_compatible(session, header: dict, path: Path) -> None:
     ours = _native.upstream_commit()
     if header.get("llama_cpp_commit") != ours:
         raise SessionFileError(f"the session was saved by llama.cpp {header.get('llama_cpp_commit')}, this is "
@@ -381,10 +397,7 @@ def _check_compatible(session, header: dict) -> None:
     for key, mine in (("n_ctx", session.n_ctx), ("type_k", session.type_k), ("type_v", session.type_v)):
         if header.get(key) != mine:
             raise SessionFileError(f"the session was saved with {key}={header.get(key)}, this session has {mine}")
-    try:
-        saved_policy = policy_from_dict(header["policy"])
-    except ValueError as e:
-        raise SessionFileError(f"the session file names a policy this edgesink does not know ({e})") from None
+    saved_policy = _saved_policy(header, path)
     if saved_policy != session.policy:
         raise SessionFileError(f"the session was saved with policy {saved_policy.label}, "
                                f"this session uses {session.policy.label}")
@@ -429,7 +442,7 @@ _TEMP_SUFFIX = ".edgesink-tmp"
 _TEMP_RANDOM = re.compile(r"[a-z0-9_]+")  # tempfile's random part: never a dot
 
 
-def _atomic_write(path: Path, parts: list) -> None:
+def atomic_write(path: Path, parts: list) -> None:
     """Write ``parts`` to a temporary file beside ``path``, sync it, rename it over ``path``, sync the folder."""
     folder = path.parent
     tmp_name = None

@@ -22,11 +22,11 @@ from ._native import C
 from .chat import Chat, saved_chat_problem
 from .errors import ClosedError, SessionFileError, SettingsError, UnsupportedModelError
 from .kvcache import StreamCache, deferred_interrupt
-from .layout import state_problem
+from .layout import is_json_int, state_problem
 from .config import SessionConfig
 from .options import CACHE_TYPES, check_n_ctx, default_threads, kept_forward_mode, not_int, stop_strings
-from .persistence import load_session, read_session_header, save_session
-from .policies import ContextPolicy, policy_from_dict
+from .persistence import load_session, save_session, saved_settings
+from .policies import ContextPolicy
 from .sampling import Sampler, SamplingParams
 from .textstream import StopMatcher, Utf8Stream, text_pieces
 
@@ -264,6 +264,12 @@ class Session:
             self.start_chat(continue_stream=True)
         generation.setdefault("max_tokens", 512)
         return self._chat.send(message, role=role, **generation)
+
+    @property
+    def conversation(self) -> Chat | None:
+        """The conversation (:class:`edgesink.chat.Chat`: messages, template, what it fed), or None
+        outside chat. For reading: :meth:`chat` and :meth:`start_chat` change it."""
+        return self._chat
 
     @property
     def in_chat(self) -> bool:
@@ -569,14 +575,8 @@ class Session:
         the saved settings and as many threads, the new session continues exactly as the saved
         one did: bitwise the same logits.
         """
-        header = read_session_header(path)
-        try:
-            saved_policy = policy_from_dict(header["policy"]).to_dict()
-        except ValueError as e:
-            raise SessionFileError(f"{path} names a policy this edgesink does not know ({e})") from None
         # The saved policy's own settings (sinks, evict_chunk); a conflicting option is refused by load().
-        settings = {"n_ctx": header["n_ctx"], "policy": saved_policy.pop("name"), **saved_policy,
-                    "type_k": header["type_k"], "type_v": header["type_v"], **header.get("options", {}), **options}
+        settings = {**saved_settings(path), **options}
         session = cls(model, **settings)
         try:
             session.load(path)
@@ -610,15 +610,15 @@ class Session:
     def _stream_problem(self, state: dict) -> str | None:
         """What is wrong with the session's own fields of a snapshot (the cache's are checked apart), or None."""
         seen = state["tokens_seen"]
-        if not (_is_int(state["n_keep_target"]) and 0 <= state["n_keep_target"] < self.n_ctx):
+        if not (is_json_int(state["n_keep_target"]) and 0 <= state["n_keep_target"] < self.n_ctx):
             return "n_keep_target"
-        if not (_is_int(seen) and seen >= len(state["kept"]) + len(state["window"])):
+        if not (is_json_int(seen) and seen >= len(state["kept"]) + len(state["window"])):
             return "tokens_seen"
         if not isinstance(state["pending_utf8"], str) or len(bytes.fromhex(state["pending_utf8"])) > 3:
             return "pending_utf8"
         # Files of older versions kept these two here; the conversation keeps them now.
         starts = state.get("message_starts", [])
-        if not (isinstance(starts, list) and all(_is_int(i) and 0 <= i <= seen for i in starts)
+        if not (isinstance(starts, list) and all(is_json_int(i) and 0 <= i <= seen for i in starts)
                 and starts == sorted(starts)):
             return "message_starts"
         if not isinstance(state.get("last_end_token_text", ""), str):
@@ -694,7 +694,3 @@ def _mask(positions: Iterable[int], n: int) -> np.ndarray:
         raise ValueError(f"positions must be token indices in [0, {n})")
     mask[idx] = True
     return mask
-
-
-def _is_int(value) -> bool:
-    return type(value) is int  # JSON's true/false are bools, which isinstance(..., int) lets through

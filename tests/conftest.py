@@ -25,7 +25,7 @@ def isolated_world(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
-    from edgesink.registry import default_model_path
+    from edgesink.fetch.registry import default_model_path
 
     return default_model_path()
 
@@ -59,7 +59,7 @@ def random_model(tmp_path_factory, model_path):
 def gemma():
     """Gemma 3 270M, a real sliding-window (iSWA) model; `make test` fetches it, so it is never skipped."""
     import edgesink
-    from edgesink.registry import load_registry
+    from edgesink.fetch.registry import load_registry
 
     path = load_registry()["gemma3-270m"].local_path
     assert path.exists(), "set-up fetches it: edgesink pull gemma3-270m"

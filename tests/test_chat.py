@@ -98,7 +98,7 @@ def test_conversation_longer_than_five_windows(model, session):
     # Turns are evicted whole: after the system prompt comes the start of a user turn.
     assert session.cached_tokens()[len(system_tokens):][:2] == model.tokenize("<|im_start|>user", special=True)
     assert len(session.messages) == 1 + 2 * turn
-    assert session._chat._render_from > 0  # only the newest messages are rendered
+    assert session.conversation.render_from > 0  # only the newest messages are rendered
 
 
 def test_first_turn_without_system_prompt_uses_the_template_default(model, session):

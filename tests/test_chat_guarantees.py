@@ -195,7 +195,7 @@ def cached_text(model, session) -> str:
 def expected_text(session, eog: bool) -> str:
     """The folding template's rendering of the conversation, as the cache should hold it."""
     messages = session.messages
-    text = session._chat.template.render(messages[:-1], add_generation_prompt=True) + messages[-1]["content"]
+    text = session.conversation.template.render(messages[:-1], add_generation_prompt=True) + messages[-1]["content"]
     return text + ("<|im_end|>" if eog else "")
 
 

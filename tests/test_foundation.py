@@ -14,7 +14,8 @@ from click.testing import CliRunner
 import edgesink
 from edgesink.cli import main
 from edgesink.errors import ModelLoadError, ModelNotFoundError
-from edgesink.registry import load_registry, sha256_file
+from edgesink.fetch.registry import load_registry
+from edgesink.filecache import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ from hub_server import FakeHub, split_gguf, write_tiny_gguf
 
 from edgesink.cli import main
 from edgesink.errors import ModelLoadError, ModelNotFoundError
-from edgesink.hub import HubSpec, choose_files, hub_cache_dir, parse_spec, pull_model
-from edgesink.resolve import resolve_model
+from edgesink.fetch.hub import HubSpec, choose_files, hub_cache_dir, parse_spec, pull_model
+from edgesink.fetch.resolve import resolve_model
 
 REPO = "acme/tiny-GGUF"
 QUANTS = ("Q4_1", "Q4_K_M", "Q4_K_S", "Q8_0")
@@ -208,9 +208,9 @@ def test_pull_and_models_commands(hub):
 
 
 def test_registry_models_come_from_the_hub_and_are_checked(hub, tiny_files, monkeypatch):
-    from edgesink import hub as hub_module
-    from edgesink import resolve
-    from edgesink.registry import RegistryEntry
+    from edgesink.fetch import hub as hub_module
+    from edgesink.fetch import resolve
+    from edgesink.fetch.registry import RegistryEntry
 
     good = sha256(tiny_files["Q4_1"])
     entries = {name: RegistryEntry(name=name, description="test", repo=REPO, file="tiny-Q4_1.gguf", sha256=sha,

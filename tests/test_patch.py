@@ -56,7 +56,7 @@ def test_info_reports_the_patch():
     pin = json.loads((REPO / "native" / "upstream.json").read_text())
     assert info["llama_cpp_commit"] == pin["llama_cpp_commit"] and info["edgesink"] == edgesink.__version__
     # The file's own size, and the size the registry pins for the default model (beside its sha256).
-    from edgesink.registry import default_model_name, load_registry
+    from edgesink.fetch.registry import default_model_name, load_registry
 
     pinned = load_registry()[default_model_name()].size_bytes
     assert info["default_model_bytes"] == Path(info["default_model_path"]).stat().st_size == pinned

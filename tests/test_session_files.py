@@ -199,7 +199,7 @@ def test_a_huge_sparse_payload_is_refused_without_reading_it(saved, victim, mode
 def test_the_limit_holds_a_full_cache_of_either_model(model, prose_tokens, tmp_path, measured):
     """The upper bound must never refuse a real file: a full cache, f32, on both kinds of model."""
     from edgesink.persistence import _payload_limit
-    from edgesink.registry import load_registry
+    from edgesink.fetch.registry import load_registry
 
     with edgesink.load(load_registry()["gemma3-270m"].local_path) as gemma:
         for m, tokens in ((model, prose_tokens[:70]), (gemma, gemma.tokenize(" and the" * 40)[:70])):
@@ -231,7 +231,7 @@ def fsync_when_told(fd):
     real_fsync(fd)
 
 os.fsync = fsync_when_told
-persistence._atomic_write(target, [b"the other writer's bytes"])
+persistence.atomic_write(target, [b"the other writer's bytes"])
 print("saved", flush=True)
 """
 

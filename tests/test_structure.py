@@ -176,7 +176,7 @@ def test_no_import_cycles_between_modules():
 
 ENGINE = ("edgesink.model", "edgesink.session", "edgesink.kvcache", "edgesink.layout", "edgesink.policies",
           "edgesink.config", "edgesink.persistence", "edgesink.chat")
-ABOVE_THE_ENGINE = ("edgesink.hub", "edgesink.resolve", "edgesink.loading", "edgesink.cli", "edgesink.bench")
+ABOVE_THE_ENGINE = ("edgesink.fetch", "edgesink.loading", "edgesink.cli", "edgesink.bench")
 
 
 def test_the_engine_depends_on_no_downloader_and_no_command_line():

@@ -141,7 +141,7 @@ def saved_chat_with_template(model, path, template: str) -> None:
     with model.session(n_ctx=256, n_threads=1) as s:
         s.start_chat("Be brief.")
         "".join(s.chat("Hello", max_tokens=4, top_k=1, seed=1))
-        s._chat.template_source = template  # what a crafted session file would carry
+        s.conversation.template_source = template  # what a crafted session file would carry
         s.save(path)
 
 

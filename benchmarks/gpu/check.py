@@ -157,7 +157,7 @@ def random_model(path: Path, **shape) -> Path:
     sys.path.insert(0, str(REPO / "tests"))
     from random_model import write_random_llama
 
-    from edgesink.registry import default_model_path  # lazy: the check must start where importing edgesink crashes
+    from edgesink.fetch.registry import default_model_path  # lazy: the check must start where importing edgesink crashes
 
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

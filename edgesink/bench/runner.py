@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import _native
 from ..loading import load
-from ..resolve import resolve_model
+from ..fetch.resolve import resolve_model
 from .config import BenchConfig, Job, plan
 from .corpus import stream_tokens, uniform_sample
 from .latency import WARMUP_STEPS

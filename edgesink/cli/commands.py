@@ -9,6 +9,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import click
 from click.core import ParameterSource
@@ -17,14 +18,14 @@ from .. import _native
 from ..bench.cli import bench
 from ..config import SETTING_NAMES, SessionConfig
 from ..errors import EdgesinkError, SessionFileError, SessionSaveError, SettingsError
-from ..hub import cached_models, hub_cache_dir, pull_model
+from ..fetch.hub import cached_models, hub_cache_dir, pull_model
 from ..info import format_info, system_info
 from ..loading import load
 from ..options import MAX_THREADS
 from ..persistence import read_session_header
 from ..policies import POLICY_NAMES
-from ..registry import load_registry
-from ..resolve import names_hub_model
+from ..fetch.registry import load_registry
+from ..fetch.resolve import names_hub_model
 from ..sampling import SamplingParams
 from ..session import Session
 from ..version import __version__
@@ -177,11 +178,25 @@ def friendly_errors(fn):
     return wrapper
 
 
+@dataclass(frozen=True)
+class Engine:
+    """What the commands run on: ``load`` (a model spec and options to a loaded model) and the
+    ``session`` class (called as ``Session(model, config)``, with ``Session.restore``).
+
+    The command line runs on edgesink's own. Tests of the command line itself pass a scripted
+    stand-in as click's context object: ``CliRunner().invoke(main, args, obj=Engine(...))``.
+    """
+
+    load: Callable = load
+    session: type = Session
+
+
 def open_session(model, args: SessionArgs, resume=None) -> Session:
     """A new session, or with ``resume`` the stream saved in that file (Session.restore).
 
     The settings are checked before the model loads: a mistake costs no waiting.
     """
+    engine = click.get_current_context().find_object(Engine) or Engine()
     if resume:
         # The saved settings apply unless given on the command line; a conflict is then a clean error.
         given = {"n_ctx": args.n_ctx, "policy": args.policy, "sinks": args.sinks}
@@ -193,10 +208,10 @@ def open_session(model, args: SessionArgs, resume=None) -> Session:
     _native.set_verbose(args.verbose)
     if sys.stderr.isatty():  # a first load checks the file in a child process: say why we wait
         click.echo(f"loading {model or 'the default model'} ...", err=True)
-    loaded = load(model, n_gpu_layers=args.n_gpu_layers)
+    loaded = engine.load(model, n_gpu_layers=args.n_gpu_layers)
     if resume:
-        return Session.restore(resume, loaded, n_threads=args.threads, **overrides)
-    return Session(loaded, config)
+        return engine.session.restore(resume, loaded, n_threads=args.threads, **overrides)
+    return engine.session(loaded, config)
 
 
 def _checked(make_config) -> SessionConfig:

@@ -7,7 +7,6 @@ extracted into a git-ignored folder (``models/cache`` in a source checkout, else
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,8 +17,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._native import PACKAGE_DIR, installed_path
-from .errors import ModelLoadError, ModelNotFoundError
+from .._native import PACKAGE_DIR, installed_path
+from ..errors import ModelLoadError, ModelNotFoundError
+from ..filecache import cached_sha256, sha256_file
 
 MODELS_DIR_ENV = "EDGESINK_MODELS_DIR"
 SOURCE_MODELS_DIR = PACKAGE_DIR.parent / "models"
@@ -67,49 +67,6 @@ def models_dir() -> Path:
     if (SOURCE_MODELS_DIR / "registry.json").exists():
         return SOURCE_MODELS_DIR / "cache"
     return Path.home() / ".cache" / "edgesink" / "models"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def cached_sha256(path: Path) -> str:
-    """sha256 of a file, remembered in a small JSON cache keyed by the file's identity.
-
-    The key is the path, device, inode, size, modification and change time: new bytes written in
-    place change the change time, which (unlike the modification time) no user can set back.
-    """
-    stat = path.stat()
-    where = f"{path.resolve()}|"
-    key = f"{where}{stat.st_dev}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
-    cache_file = Path.home() / ".cache" / "edgesink" / "sha256.json"
-    try:
-        known = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if not isinstance(known, dict):
-        known = {}
-    if key not in known:
-        digest = sha256_file(path)
-        known = {k: v for k, v in known.items() if not k.startswith(where)}  # one version per path
-        known[key] = digest
-        write_json_cache(cache_file, known)
-    return known[key]
-
-
-def write_json_cache(cache_file: Path, data) -> None:
-    """Replace a small JSON cache file atomically; an unwritable cache only costs recomputing later."""
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, cache_file)
-    except OSError:
-        pass
 
 
 def default_model_path() -> Path:

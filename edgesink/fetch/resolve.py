@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from ..errors import ModelNotFoundError
 from .hub import download, fetch_registry_model, is_hub_spec, parse_spec
 from .registry import default_model_path, fetched_model, load_registry
 

