@@ -27,11 +27,16 @@ setup: $(VENV)/.edgesink-installed default-model
 chat: setup
 	$(VENV)/bin/edgesink chat $(ARGS)
 
+# One pytest worker per usable CPU (at most 8); tests/conftest.py gives each worker its own CPUs,
+# so llama.cpp's spin-waiting threads never compete. TEST_WORKERS=0 runs in this process alone.
+TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 8
+
 test: setup $(VENV)/.test-deps $(CORPUS) $(STOCK_LIB) $(ISWA_MODEL)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-fast: setup $(VENV)/.test-deps $(CORPUS) $(STOCK_LIB) $(ISWA_MODEL)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 # Long real prose for quality tests and the benchmark (Jane Austen, from a Debian package).
 $(CORPUS): | $(VENV)/.edgesink-installed
@@ -68,7 +73,7 @@ $(BUILD_OPTIONS): FORCE | $(VENV)/bin/python
 FORCE:
 
 $(VENV)/.test-deps: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install "pytest>=8" "hypothesis>=6" "pexpect>=4.9" "gguf>=0.10" "matplotlib>=3.7"
+	$(PIP) install "pytest>=8" "pytest-xdist>=3.5" "hypothesis>=6" "pexpect>=4.9" "gguf>=0.10" "matplotlib>=3.7"
 	touch $@
 
 # Every set-up checks the default model's sha256 (remembered per file, so this costs a second) and

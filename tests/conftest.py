@@ -10,6 +10,25 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs one worker per CPU), each worker gets its own share of
+    the CPUs. llama.cpp starts a thread per usable CPU and its threads spin-wait for each other:
+    two workers each spinning on every CPU would slow each other down many times over, while a
+    worker on its own CPU runs as on a smaller machine (its child processes inherit the share)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and count > 1 and hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        index = int(worker[2:])
+        share = cpus[index::count] or [cpus[index % len(cpus)]]  # more workers than CPUs: they share
+        os.sched_setaffinity(0, share)
+
+
+def pytest_collection_modifyitems(items):
+    """The long tests first, so that workers finish together instead of one waiting on the last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True)
 def isolated_world(tmp_path_factory, monkeypatch):
     """Caches and the Hub point into a temporary folder; the network is never used."""

@@ -78,6 +78,7 @@ def test_uniform_sample_is_spread_and_excludes_position_zero():
     assert np.histogram(sample, bins=10, range=(0, 10_000))[0].tolist() == [10] * 10
 
 
+@pytest.mark.slow  # every policy through the real benchmark: about 30 s
 def test_tiny_benchmark_end_to_end(tmp_path, monkeypatch):
     # The raw per-token latencies each latency job measured (jobs run in this process: isolate=False).
     latencies: dict[tuple, list[float]] = {}

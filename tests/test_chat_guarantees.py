@@ -51,7 +51,8 @@ def assert_only_what_did_not_fit_left(session, user_starts: list[int], slack: in
 # -- 7: evictions cut between turns, for every policy that evicts --------------------------------
 
 @pytest.mark.parametrize("options", [{"policy": "sink"}, {"policy": "window"}, {"policy": "halve"},
-                                     {"policy": "sink", "evict_chunk": 16}, {"policy": "recompute"}],
+                                     {"policy": "sink", "evict_chunk": 16},
+                                     pytest.param({"policy": "recompute"}, marks=pytest.mark.slow)],  # 15 s
                          ids=["sink", "window", "halve", "sink-chunk16", "recompute"])
 def test_the_window_starts_at_a_turn_after_every_turn(model, options):
     n_ctx = 64 if options["policy"] == "recompute" else 128  # recompute re-encodes the window per token

@@ -191,7 +191,9 @@ def test_moving_the_sinks_equals_moving_the_window(random_model, prose, type_k, 
         assert error > limit, (n, floor)  # the limit does see a sink one position off
 
 
-@pytest.mark.parametrize("which, type_k", [("real", "f16"), ("real", "q8_0"), ("random", "q8_0")])
+@pytest.mark.parametrize("which, type_k", [pytest.param("real", "f16", marks=pytest.mark.slow),  # 11 s each
+                                           pytest.param("real", "q8_0", marks=pytest.mark.slow),
+                                           ("random", "q8_0")])
 @pytest.mark.parametrize("flash_attn", [False, True])
 def test_moving_the_sinks_on_the_real_model_and_a_quantized_cache(model, random_model, prose, which, type_k,
                                                                   flash_attn, measured):

@@ -61,7 +61,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+FAST_CASES = ("sink-128", "sink-384", "dense-384")  # both sides of the 256-cell padding; the rest: make test
+
+
+@pytest.mark.parametrize("case", [c if c in FAST_CASES else pytest.param(c, marks=pytest.mark.slow) for c in CASES],
+                         ids=list(CASES))
 def test_restore_is_exact(model, prose_tokens, tmp_path, case, measured):
     options, n_fed, n_more = CASES[case]
     a, b = save_and_restore(model, prose_tokens[:n_fed], tmp_path, **options)
@@ -70,6 +74,7 @@ def test_restore_is_exact(model, prose_tokens, tmp_path, case, measured):
     a.close(), b.close()
 
 
+@pytest.mark.slow  # about 7 s
 def test_recompute_restore_is_exact(model, prose_tokens, tmp_path):
     # recompute re-encodes the whole window for every generated token: a small cache keeps it quick
     a, b = save_and_restore(model, prose_tokens[:300], tmp_path, n_ctx=128, policy="recompute")
@@ -132,6 +137,7 @@ GEMMA_CASES = {
 }
 
 
+@pytest.mark.slow  # Gemma 3 270M: 7 s
 @pytest.mark.parametrize("case", list(GEMMA_CASES), ids=list(GEMMA_CASES))
 def test_restore_is_exact_on_a_sliding_window_model(gemma, gemma_tokens, tmp_path, case):
     options, n_fed, n_more = GEMMA_CASES[case]

@@ -24,7 +24,8 @@ def assert_cache_consistent(s: Session, sinks: int):
     assert first == s.cache.w0 - s.cache.n_kept
 
 
-@pytest.mark.parametrize("policy", ["sink", "window", "halve"])
+@pytest.mark.parametrize("policy", ["sink", pytest.param("window", marks=pytest.mark.slow),
+                                    pytest.param("halve", marks=pytest.mark.slow)])  # about 9 s each
 def test_ten_times_n_ctx_through_feed_and_generate(model, prose_tokens, policy):
     n_ctx = 128
     sinks = 0 if policy == "window" else 4
@@ -52,7 +53,7 @@ def test_ten_times_n_ctx_through_feed_and_generate(model, prose_tokens, policy):
 
 
 def test_positions_stay_bounded_by_rebasing(model, prose_tokens):
-    with model.session(n_ctx=64, policy="sink", batch_size=4) as s:
+    with model.session(n_ctx=64, policy="sink", batch_size=16) as s:
         s.feed_tokens(prose_tokens[:2000])
         st = s.stats
         assert st.rebases >= 25  # one per 64 evicted tokens
@@ -62,9 +63,9 @@ def test_positions_stay_bounded_by_rebasing(model, prose_tokens):
 
 def test_kept_tokens_are_refreshed_between_rebases(model, prose_tokens):
     with model.session(n_ctx=64, policy="sink", batch_size=4, refresh_every=16, rebase_every=10**6) as s:
-        s.feed_tokens(prose_tokens[:1000])
+        s.feed_tokens(prose_tokens[:600])
         st = s.stats
-        assert st.rebases == 0 and st.refreshes == st.shifts // 16
+        assert st.rebases == 0 and st.refreshes == st.shifts // 16 and st.refreshes >= 8
         assert_cache_consistent(s, 4)
 
 
@@ -123,7 +124,7 @@ def test_dense_raises_context_full_and_loses_nothing(model):
 
 
 def test_score_reports_what_feed_computes(model, prose_tokens):
-    tokens = prose_tokens[:700]
+    tokens = prose_tokens[:400]
     with model.session(n_ctx=128, batch_size=8) as a, model.session(n_ctx=128, batch_size=8) as b, \
             model.session(n_ctx=1024, policy="dense", batch_size=8) as dense:
         nll = a.score_tokens(tokens)
@@ -173,7 +174,7 @@ def test_recompute_scores_each_token_on_a_fresh_window(model, prose_tokens):
 def test_bytes_split_across_feeds_are_joined(model):
     text = "Grüße aus Köln — 東京の天気は晴れ 🎉🚀 ok"
     data = text.encode()
-    with model.session(n_ctx=64) as split:
+    with model.session(n_ctx=64, batch_size=32) as split:  # cuts, not batching, are the point here
         for cut in range(1, len(data)):  # every cut, inside ü, inside 東, inside an emoji included
             split.reset()
             split.feed(data[:cut])

@@ -256,6 +256,7 @@ def test_100mb_in_one_feed_call_is_streamed(model, kind):
     _huge_feed(model, 100, kind)
 
 
+@pytest.mark.slow  # about 15 s of real decoding
 def test_a_long_feed_really_decoded_keeps_memory_flat(model, prose):
     with model.session(n_ctx=128, n_threads=1) as s:
         s.feed(prose[:2000])  # warm up: the cache is full, buffers exist
