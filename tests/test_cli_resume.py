@@ -100,16 +100,6 @@ def test_a_failed_final_save_is_rescued(tmp_path, monkeypatch, model):
         assert s.stats.tokens_seen == tokens_seen(result.stderr)
 
 
-def test_progress_lines_in_a_pipe_do_not_run_together(monkeypatch):
-    monkeypatch.setattr(feeding, "READ_BYTES", 64)  # many small pieces ...
-    monkeypatch.setattr(feeding, "PROGRESS_SECONDS", 0.0)  # ... each reported
-    lines = ok(run("feed", *FAST, input=TEXT_A + TEXT_B)).stderr.split("\n")
-    assert "\r" not in "".join(lines)
-    progress, final = lines[:-2], lines[-2]
-    assert len(progress) > 5 and all(re.fullmatch(r"\d+ tokens, \d+ tokens/s, \d+ evicted", x) for x in progress)
-    assert final.startswith("fed ") and lines[-1] == ""
-
-
 def test_progress_on_a_terminal_updates_one_line(model, monkeypatch):
     monkeypatch.setattr(feeding, "READ_BYTES", 64)
     class Terminal(io.StringIO):

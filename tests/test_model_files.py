@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGUFReader
 
 import edgesink
 import edgesink.gguf_check as gc
@@ -123,7 +124,8 @@ def test_header_check_of_the_default_model_is_cheap(model_path):
     start = time.perf_counter()
     info = check_gguf(model_path)
     elapsed = time.perf_counter() - start
-    assert info.architecture == "llama" and len(info.tensors) == 272
+    # gguf's own reader (another implementation) counts the same tensors: 30 blocks of 9, embedding, norm
+    assert info.architecture == "llama" and len(info.tensors) == len(GGUFReader(model_path).tensors)
     assert elapsed < 0.5  # about 25 ms here; generous for a loaded machine
 
 

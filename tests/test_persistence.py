@@ -133,7 +133,7 @@ while True:
 """
 
 
-@pytest.mark.slow  # about a minute: a fresh child process per kill
+@pytest.mark.slow(seconds=50)  # a fresh child process per kill
 def test_sigkill_in_the_middle_of_saves_never_loses_the_snapshot(model, model_path, tokens, tmp_path):
     """A child saves over and over; it is SIGKILLed at random points during a save, many times,
     and some of the kills are seen to land while the save's temporary file existed."""

@@ -80,7 +80,7 @@ def differences_along_the_stream(model, tokens, every, **options):
         return differences, forward.stats
 
 
-@pytest.mark.slow  # about 30 s: three streams of 20,000 tokens, each beside its window-back twin
+@pytest.mark.slow(seconds=45)  # three streams of 20,000 tokens, each beside its window-back twin
 def test_f16_keys_do_not_drift_over_a_long_stream(random_model, prose, measured):
     """The kept keys are re-rotated at every eviction, in F16; re-encoding them fresh at each rebase
     (and refresh) keeps their rounding from piling up, so the two paths stay as close as at the start."""

@@ -37,7 +37,7 @@ def _copy_checkout(dest: Path) -> None:
             shutil.copy2(REPO / name, dest / name)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=230)  # a whole native build, on one CPU under make test
 def test_isolated_pip_build_installs_a_working_package(tmp_path, model_path):
     src, venv, dist, elsewhere = (tmp_path / d for d in ("src", "venv", "dist", "elsewhere"))
     for d in (src, dist, elsewhere):

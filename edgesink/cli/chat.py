@@ -96,13 +96,16 @@ def _wake(signum, frame) -> None:
 
 def reply(session, message: str, generation: dict) -> None:
     """Stream the reply to one message; Ctrl-C stops it and keeps what was said."""
+    printed = False
     try:
         for piece in session.chat(message, **generation):
             click.echo(piece, nl=False)
+            printed = True
     except KeyboardInterrupt:
         click.echo(" [stopped]", nl=False)
     except EdgesinkError as e:
-        click.echo(f"error: {e}; /reset starts over", nl=False)
+        # On a line of its own: a reply cut short by an error must not run into the message.
+        click.echo(("\n" if printed else "") + f"error: {e}; /reset starts over", nl=False)
     click.echo()
 
 
