@@ -50,7 +50,8 @@ def assert_only_what_did_not_fit_left(session, user_starts: list[int], slack: in
 
 # -- 7: evictions cut between turns, for every policy that evicts --------------------------------
 
-@pytest.mark.parametrize("options", [{"policy": "sink"}, {"policy": "window"}, {"policy": "halve"},
+@pytest.mark.parametrize("options", [{"policy": "sink"}, pytest.param({"policy": "window"}, marks=pytest.mark.slow),
+                                     pytest.param({"policy": "halve"}, marks=pytest.mark.slow),  # 6 s each
                                      {"policy": "sink", "evict_chunk": 16},
                                      pytest.param({"policy": "recompute"}, marks=pytest.mark.slow)],  # 15 s
                          ids=["sink", "window", "halve", "sink-chunk16", "recompute"])
@@ -82,6 +83,7 @@ def test_the_window_starts_at_a_turn_after_every_turn(model, options):
 
 # -- 1: recompute keeps the system prompt ---------------------------------------------------------
 
+@pytest.mark.slow  # about 9 s: recompute re-encodes the window per token
 def test_recompute_keeps_the_system_prompt_in_what_it_encodes(model):
     n_ctx = 48  # small: every generated token re-encodes the whole cache
     kept = system_tokens(model)

@@ -50,7 +50,8 @@ def assert_same_stream(a: Session, b: Session) -> None:
 
 # -- exact continuation ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("policy", ["sink", "window", "halve", "recompute"])
+@pytest.mark.parametrize("policy", ["sink", *(pytest.param(p, marks=pytest.mark.slow)  # 6-9 s each
+                                             for p in ("window", "halve", "recompute"))])
 def test_restore_continues_exactly(model, tokens, tmp_path, policy):
     a = fed(model, tokens, 5 * N_CTX + 17, policy=policy)  # many evictions, odd offset
     path = tmp_path / "a.session"

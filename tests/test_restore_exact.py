@@ -104,6 +104,7 @@ def test_a_second_save_and_restore_stays_exact(model, prose_tokens, tmp_path):
     a.close(), b.close(), c.close()
 
 
+@pytest.mark.slow  # about 10 s
 def test_load_into_a_live_session_is_exact(model, prose_tokens, tmp_path):
     """A session that held another stream (other cells, other free cells) loads the same state."""
     a = model.session(n_ctx=384, policy="halve", n_threads=N_THREADS)
