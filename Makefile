@@ -28,9 +28,10 @@ chat: setup
 	$(VENV)/bin/edgesink chat $(ARGS)
 
 # One pytest worker per usable CPU (at most 8); tests/conftest.py gives each worker its own CPUs,
-# so llama.cpp's spin-waiting threads never compete. TEST_WORKERS=0 runs in this process alone.
+# so llama.cpp's spin-waiting threads never compete. A worker that runs out of tests takes some
+# from a busy one (worksteal). TEST_WORKERS=0 runs in this process alone.
 TEST_WORKERS ?= auto
-PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 8
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 8 --dist worksteal
 
 test: setup $(VENV)/.test-deps $(CORPUS) $(STOCK_LIB) $(ISWA_MODEL)
 	$(PYTEST) $(PYTEST_ARGS)
