@@ -28,6 +28,7 @@ from .options import CACHE_TYPES, check_n_ctx, default_threads, kept_forward_mod
 from .persistence import load_session, save_session, saved_settings
 from .policies import ContextPolicy
 from .sampling import Sampler, SamplingParams
+from .scoring import position_mask, token_nll
 from .textstream import StopMatcher, Utf8Stream, text_pieces
 
 if TYPE_CHECKING:
@@ -384,7 +385,7 @@ class Session:
         """
         self._check_open()
         tokens = self._checked_tokens(tokens)
-        scored = np.ones(len(tokens), dtype=bool) if positions is None else _mask(positions, len(tokens))
+        scored = np.ones(len(tokens), dtype=bool) if positions is None else position_mask(positions, len(tokens))
         nll = np.full(len(tokens), np.nan)
         start = time.perf_counter()
         bos = self._bos_prefix(tokens)
@@ -468,13 +469,13 @@ class Session:
             return
         logits = self._current_logits()
         if logits is not None:
-            nll[index] = _nll(logits[None, :], np.array([token]))[0]
+            nll[index] = token_nll(logits[None, :], np.array([token]))[0]
 
     def _score_rows(self, batch, logits_for, rows, nll, offset) -> None:
         predicted = np.flatnonzero(logits_for[:-1])  # row k predicts token predicted[k] + 1
         if len(predicted):
             targets = np.asarray(batch)[predicted + 1]
-            nll[offset + predicted + 1] = _nll(rows[: len(predicted)], targets)
+            nll[offset + predicted + 1] = token_nll(rows[: len(predicted)], targets)
 
     def _current_logits(self) -> np.ndarray | None:
         """Logits predicting the next token, computing them if needed; None for an empty stream."""
@@ -677,20 +678,3 @@ class Session:
     def cached_tokens(self) -> list[int]:
         """The tokens in the cache, in stream order (kept first, then the window)."""
         return self.cache.tokens()
-
-
-def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log softmax(logits)[target] per row, in float64 for stability."""
-    logits = logits.astype(np.float64)
-    top = logits.max(axis=1, keepdims=True)
-    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-    return log_z - logits[np.arange(len(targets)), targets]
-
-
-def _mask(positions: Iterable[int], n: int) -> np.ndarray:
-    mask = np.zeros(n, dtype=bool)
-    idx = np.fromiter(positions, dtype=np.int64)
-    if len(idx) and (idx.min() < 0 or idx.max() >= n):
-        raise ValueError(f"positions must be token indices in [0, {n})")
-    mask[idx] = True
-    return mask
