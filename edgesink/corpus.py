@@ -18,6 +18,7 @@ import zlib
 from pathlib import Path
 
 from .errors import CorpusError
+from .filecache import cache_dir
 
 DEBIAN_PACKAGE = "r-cran-janeaustenr"
 DEBIAN_VERSION = "1.0.0-1"
@@ -32,7 +33,7 @@ def corpus_dir() -> Path:
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
     source = Path(__file__).resolve().parent.parent / "benchmarks"
-    return source / ".cache" if source.exists() else Path.home() / ".cache" / "edgesink" / "corpus"
+    return source / ".cache" if source.exists() else cache_dir() / "corpus"
 
 
 def austen_path() -> Path:

@@ -104,7 +104,9 @@ def load_session(session, path: "str | os.PathLike") -> None:
         _check_payload_fits(session, header, path)
         _check_payload_length(header, size - f.tell(), path)
         payload = _read_payload(f, header, path)
-    if C.llama_memory_can_shift(session.cache.mem):  # a plain KV cache: its cell list is checked
+    # A plain KV cache: its cell list is checked. (The recompute policy's cache is rebuilt from the
+    # token list on restore; the compatibility check made the saved policy the session's own.)
+    if C.llama_memory_can_shift(session.cache.mem) and not session.policy.recomputes:
         _check_payload_layout(path, header, payload)
     backup, backup_state = _sequence_state(session), session.snapshot()
     with deferred_interrupt():  # the cache and the bookkeeping change together, or not at all
@@ -347,8 +349,6 @@ def _check_payload_layout(path: Path, header: dict, payload) -> None:
     A checksum only catches accidents; this catches a payload that does not describe this stream
     (llama.cpp asserts on some inconsistent cell lists) before llama.cpp parses it.
     """
-    if _saved_policy(header, path).recomputes:
-        return  # the recompute policy's cache is rebuilt from the token list on restore
     try:
         state = header["state"]
         n_kept, w0 = len(state["kept"]), int(state["w0"])

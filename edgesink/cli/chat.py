@@ -11,11 +11,12 @@ from pathlib import Path
 import click
 
 from ..errors import EdgesinkError, SystemPromptTooLongError
+from ..filecache import cache_dir
 from .stats import speed_line, stream_line
 
 PROMPT = ">>> "
 PROMPT_WAKE_S = 0.1  # how often the wait at the prompt wakes to act on a Ctrl-C already noted
-HISTORY_FILE = Path("~/.cache/edgesink/chat_history")
+HISTORY_NAME = "chat_history"  # in edgesink's cache folder
 # The in-chat commands, listed by /help and by 'edgesink chat --help' alike.
 COMMANDS = """\
   /reset        forget the conversation (the system prompt stays)
@@ -169,7 +170,7 @@ def _setup_line_editing() -> None:
     except ImportError:
         return
     try:
-        readline.read_history_file(HISTORY_FILE.expanduser())
+        readline.read_history_file(cache_dir() / HISTORY_NAME)
     except OSError:
         pass
     readline.set_history_length(1000)
@@ -179,7 +180,7 @@ def _save_history() -> None:
     try:
         import readline
 
-        path = HISTORY_FILE.expanduser()
+        path = cache_dir() / HISTORY_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         readline.write_history_file(path)
     except (ImportError, OSError):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .._native import PACKAGE_DIR, installed_path
 from ..errors import ModelLoadError, ModelNotFoundError
-from ..filecache import cached_sha256, sha256_file
+from ..filecache import cache_dir, cached_sha256, sha256_file
 
 MODELS_DIR_ENV = "EDGESINK_MODELS_DIR"
 SOURCE_MODELS_DIR = PACKAGE_DIR.parent / "models"
@@ -66,7 +66,7 @@ def models_dir() -> Path:
         return Path(os.environ[MODELS_DIR_ENV])
     if (SOURCE_MODELS_DIR / "registry.json").exists():
         return SOURCE_MODELS_DIR / "cache"
-    return Path.home() / ".cache" / "edgesink" / "models"
+    return cache_dir() / "models"
 
 
 def default_model_path() -> Path:
