@@ -27,12 +27,16 @@ import re
 import time
 import weakref
 from collections import deque
-from typing import Iterator
+from contextlib import closing
+from typing import TYPE_CHECKING, Iterator
 
 from jinja2 import TemplateError
 
 from .errors import ClosedError, SystemPromptTooLongError, TemplateRenderError, TemplateRewriteError
 from .template_guard import GuardedSandbox, TemplateLimitError, time_limit
+
+if TYPE_CHECKING:
+    from .session import GenerationChunk
 
 PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: never produced by a template
 PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
@@ -298,15 +302,33 @@ class Chat:
 
     # -- a turn ---------------------------------------------------------------------------------
 
+    def add(self, message: str, role: str = "user") -> None:
+        """Add a message and feed it, with no reply: a history replayed, or a turn the caller wrote
+        (``role`` may then be ``assistant`` too)."""
+        if role not in _ROLES:
+            raise ValueError(f"role must be one of {', '.join(_ROLES)}, got {role!r}")
+        self._append_and_feed(message, role, add_generation_prompt=False)
+
     def send(self, message: str, role: str = "user", **generation) -> Iterator[str]:
         """Add a message and stream the assistant's reply (text pieces)."""
         if role not in ("user", "system", "tool"):
             raise ValueError(f"role must be 'user', 'system' or 'tool', got {role!r}")
+        return _texts(self.stream_reply(message, role, **generation))
+
+    def stream_reply(self, message: str, role: str = "user", **generation) -> Iterator["GenerationChunk"]:
+        """Add a message (fed now) and return the reply as :class:`~edgesink.session.GenerationChunk`
+        objects, finish reason and all; generation settings as ``Session.stream_generate``."""
+        if role not in ("user", "system", "tool"):
+            raise ValueError(f"role must be 'user', 'system' or 'tool', got {role!r}")
+        self._append_and_feed(message, role, add_generation_prompt=True)
+        return self._reply(**generation)
+
+    def _append_and_feed(self, message: str, role: str, add_generation_prompt: bool) -> None:
         self._slide_window()
         self.messages.append({"role": role, "content": message})
         indices = self._indices()
         before = self._render(indices[:-1], add_generation_prompt=False)
-        prompt = self._render(indices, add_generation_prompt=True)
+        prompt = self._render(indices, add_generation_prompt=add_generation_prompt)
         # The turn (message and reply) begins where the conversation before it ends; what comes
         # before that (closing a reply that was cut short) belongs to the previous turn.
         boundaries = [len(before)] if prompt.startswith(before) else []
@@ -316,18 +338,19 @@ class Chat:
         except BaseException:  # Ctrl-C, a full dense cache...
             if self.session.tokens_seen == seen:  # nothing went in: as if never sent
                 self.messages.pop()
-            else:  # part of it is cached: count it as sent (with no reply), so the next turn closes it
+            elif add_generation_prompt:  # part of it is cached: count it as sent (with no reply), so the next turn closes it
                 self.messages.append({"role": "assistant", "content": ""})
                 self._fed = prompt + PLACEHOLDER.format(len(self.messages) - 1)
             raise
+
+    def _reply(self, **generation) -> Iterator["GenerationChunk"]:
         self.messages.append({"role": "assistant", "content": ""})
         reply, end_token = [], None
         try:
             for chunk in self.session.stream_generate(**generation):
                 reply.append(chunk.text)
                 end_token = chunk.end_token
-                if chunk.text:
-                    yield chunk.text
+                yield chunk
         finally:
             # Whatever happened (Ctrl-C too), the cache holds the reply so far: record it.
             self.messages[-1]["content"] = "".join(reply)
@@ -338,6 +361,14 @@ class Chat:
 
 
 _ROLES = ("system", "user", "assistant", "tool")
+
+
+def _texts(chunks) -> Iterator[str]:
+    """The non-empty text pieces of generation chunks."""
+    with closing(chunks):  # closed with this generator: the reply so far is recorded then
+        for chunk in chunks:
+            if chunk.text:
+                yield chunk.text
 
 
 def saved_chat_problem(saved, tokens_seen: int) -> str | None:

@@ -6,7 +6,6 @@ or window-back), is :mod:`edgesink.layout`; this module runs its memory operatio
 
 from __future__ import annotations
 
-import ctypes
 import signal
 import threading
 import time
@@ -15,11 +14,8 @@ from contextlib import contextmanager
 import numpy as np
 
 from ._native import C
-from .errors import ContextCreationError, DecodeError
+from .contexts import SCRATCH_SEQ, STREAM_SEQ  # noqa: F401  (re-exported: where the stream lives)
 from .layout import CacheLayout, EncodeKeptFresh, MemoryOp, Remove, Shift
-
-STREAM_SEQ = 0  # the stream lives in sequence 0
-SCRATCH_SEQ = 1  # kept tokens are re-encoded here, alone, then handed to sequence 0
 
 
 _holding_interrupts = 0  # nesting depth of deferred_interrupt in the main thread
@@ -62,38 +58,37 @@ class StreamCache:
     that Ctrl-C never lands between the bookkeeping and llama.cpp's memory.
     """
 
-    def __init__(self, model, ctx_params, *, capacity: int, kept_forward: bool,
+    def __init__(self, model, slot, *, capacity: int, kept_forward: bool,
                  rebase_every: int, refresh_every: int):
+        """``slot``: where the cells live (:mod:`edgesink.contexts`); this cache owns and closes it."""
+        if kept_forward and slot.scratch_seq is None:
+            raise ValueError("a shared context has no scratch sequence: its streams shift the window back")
         self.model = model
         self.capacity = capacity
-        self.ctx = C.llama_init_from_model(model.handle, ctx_params)
-        if not self.ctx:
-            raise ContextCreationError(
-                f"llama.cpp could not create a context of n_ctx {capacity} for {model.path.name} "
-                "(out of memory, or a parameter it rejects; see --verbose)"
-            )
-        self.mem = C.llama_get_memory(self.ctx)
-        self.n_batch = C.llama_n_batch(self.ctx)
-        self._batch = C.llama_batch_init(self.n_batch, 0, 1)
-        self._batch_views = self._make_batch_views()
+        self.slot = slot
+        self.n_batch = slot.n_batch
         self.layout = CacheLayout(kept_forward=kept_forward, rebase_every=rebase_every, refresh_every=refresh_every)
         self.has_logits = False  # the context holds logits for the newest token
+        self._outputs = None  # logits rows of the last decode (copies)
 
-    def _make_batch_views(self):
-        n = self.n_batch
-        as_np = np.ctypeslib.as_array
-        token = as_np(ctypes.cast(self._batch.token, ctypes.POINTER(ctypes.c_int32)), shape=(n,))
-        pos = as_np(ctypes.cast(self._batch.pos, ctypes.POINTER(ctypes.c_int32)), shape=(n,))
-        n_seq_id = as_np(ctypes.cast(self._batch.n_seq_id, ctypes.POINTER(ctypes.c_int32)), shape=(n,))
-        logits = as_np(ctypes.cast(self._batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(n,))
-        seq_ptrs = [self._batch.seq_id[i] for i in range(n)]
-        return token, pos, n_seq_id, logits, seq_ptrs
+    @property
+    def ctx(self):
+        """The ``llama_context *`` holding the cells; None once closed (or its shared context was)."""
+        return self.slot.ctx if self.slot is not None else None
+
+    @property
+    def mem(self):
+        return self.slot.mem
+
+    @property
+    def seq(self) -> int:
+        """The llama.cpp sequence of the stream."""
+        return self.slot.seq
 
     def close(self) -> None:
-        if getattr(self, "ctx", None):
-            C.llama_batch_free(self._batch)
-            C.llama_free(self.ctx)
-            self.ctx = None
+        if getattr(self, "slot", None) is not None:
+            self.slot.close()
+            self.slot = None
 
     # -- state ------------------------------------------------------------------------------
 
@@ -131,12 +126,13 @@ class StreamCache:
 
     def llama_pos_range(self) -> tuple[int, int]:
         """(min, max) position of sequence 0 as llama.cpp reports it; (-1, -1) when empty."""
-        return (C.llama_memory_seq_pos_min(self.mem, STREAM_SEQ), C.llama_memory_seq_pos_max(self.mem, STREAM_SEQ))
+        with self.slot.lock:
+            return (C.llama_memory_seq_pos_min(self.mem, self.seq), C.llama_memory_seq_pos_max(self.mem, self.seq))
 
     def clear(self) -> None:
         """Empty the cache and start the counters afresh (a new stream)."""
         with deferred_interrupt():
-            C.llama_memory_clear(self.mem, True)
+            self.slot.clear()
             self.layout.clear()
             self.has_logits = False
 
@@ -147,39 +143,24 @@ class StreamCache:
 
         At most n_batch tokens per call.
         """
-        n = len(tokens)
-        token, pos, n_seq_id, logits, seq_ptrs = self._batch_views
-        token[:n] = tokens
-        pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
-        n_seq_id[:n] = 1
-        logits[:n] = want_logits
-        for i in range(n):
-            seq_ptrs[i][0] = seq
-        self._batch.n_tokens = n
         start = time.perf_counter()
-        rc = C.llama_decode(self.ctx, self._batch)
+        self._outputs = self.slot.decode(tokens, pos0, seq, want_logits)
         self.counters.decode_seconds += time.perf_counter() - start
-        self.counters.tokens_decoded += n
-        if rc != 0:
-            raise DecodeError(
-                f"llama_decode failed with code {rc} ({'no free cache cell' if rc == 1 else 'compute error'}) "
-                f"decoding {n} tokens at position {pos0}"
-            )
+        self.counters.tokens_decoded += len(tokens)
 
     def logits_rows(self, n_rows: int) -> np.ndarray:
-        """A copy of the logits of the last decode's outputs, shape (n_rows, n_vocab)."""
-        ptr = C.llama_get_logits(self.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n_rows, self.model.n_vocab)).copy()
+        """The logits of the last decode's outputs, shape (n_rows, n_vocab)."""
+        return self._outputs[:n_rows]
 
     def last_logits(self) -> np.ndarray:
-        ptr = C.llama_get_logits_ith(self.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+        """The logits of the last decode's last output."""
+        return self._outputs[-1]
 
     def append(self, tokens, want_logits, n_keep_target: int) -> None:
         """Decode new tokens after the newest one; the first go to ``kept`` until it holds ``n_keep_target``."""
         with deferred_interrupt():
             # Decoded before they are booked: a failed decode leaves the bookkeeping as it was.
-            self.decode(tokens, self.next_pos, STREAM_SEQ, want_logits)
+            self.decode(tokens, self.next_pos, self.seq, want_logits)
             self.has_logits = bool(want_logits[-1])
             self.layout.append(tokens, n_keep_target)
 
@@ -193,7 +174,7 @@ class StreamCache:
             token = (self.window or self.kept)[-1]
             in_kept = not self.window
             self._run(self.layout.drop_newest(1))
-            self.decode([token], self.next_pos, STREAM_SEQ, np.ones(1, dtype=np.int8))
+            self.decode([token], self.next_pos, self.seq, np.ones(1, dtype=np.int8))
             self.layout.push_newest(token, kept=in_kept)
             self.has_logits = True
 
@@ -224,9 +205,11 @@ class StreamCache:
         """Carry out the layout's memory operations on the stream's sequence, in order."""
         for op in ops:
             if isinstance(op, Remove):
-                C.llama_memory_seq_rm(self.mem, STREAM_SEQ, op.p0, op.p1)
+                with self.slot.lock:
+                    C.llama_memory_seq_rm(self.mem, self.seq, op.p0, op.p1)
             elif isinstance(op, Shift):
-                C.llama_memory_seq_add(self.mem, STREAM_SEQ, op.p0, op.p1, op.delta)
+                with self.slot.lock:
+                    C.llama_memory_seq_add(self.mem, self.seq, op.p0, op.p1, op.delta)
             elif isinstance(op, EncodeKeptFresh):
                 self._encode_fresh(op)
             else:
@@ -237,9 +220,9 @@ class StreamCache:
         # they did when first seen), then the cells are handed over to the stream's sequence.
         for start in range(0, len(op.tokens), self.n_batch):
             chunk = op.tokens[start:start + self.n_batch]
-            self.decode(chunk, op.pos0 + start, SCRATCH_SEQ, np.zeros(len(chunk), dtype=np.int8))
-        C.llama_memory_seq_cp(self.mem, SCRATCH_SEQ, STREAM_SEQ, -1, -1)
-        C.llama_memory_seq_rm(self.mem, SCRATCH_SEQ, -1, -1)
+            self.decode(chunk, op.pos0 + start, self.slot.scratch_seq, np.zeros(len(chunk), dtype=np.int8))
+        C.llama_memory_seq_cp(self.mem, self.slot.scratch_seq, self.seq, -1, -1)
+        C.llama_memory_seq_rm(self.mem, self.slot.scratch_seq, -1, -1)
         self.has_logits = False  # the scratch decodes replaced the context's outputs
 
     # -- re-computation -----------------------------------------------------------------------
@@ -257,12 +240,12 @@ class StreamCache:
     def rebuild(self) -> None:
         """Re-encode the kept tokens and the window from position 0, with logits for the newest token."""
         with deferred_interrupt():
-            C.llama_memory_clear(self.mem, True)
+            self.slot.clear()
             tokens = self.tokens()
             self.layout.restart_positions()
             for start in range(0, len(tokens), self.n_batch):
                 chunk = tokens[start:start + self.n_batch]
                 want = np.zeros(len(chunk), dtype=np.int8)
                 want[-1] = start + len(chunk) == len(tokens)
-                self.decode(chunk, start, STREAM_SEQ, want)
+                self.decode(chunk, start, self.seq, want)
             self.has_logits = True

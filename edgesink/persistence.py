@@ -23,7 +23,6 @@ restore: peak extra memory is about the size of the state.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import json
@@ -404,36 +403,26 @@ def _check_compatible(session, header: dict, path: Path) -> None:
 
 
 def _sequence_state(session) -> bytearray:
-    """llama.cpp's state of the stream's sequence, written straight into one buffer (no further copies)."""
-    ctx = session.cache.ctx
-    size = C.llama_state_seq_get_size(ctx, STREAM_SEQ)
-    state = bytearray(size)
-    written = C.llama_state_seq_get_data(ctx, _uint8_view(state), size, STREAM_SEQ)
-    del state[written:]  # the ctypes view above is gone, so the buffer may shrink
-    return state
+    """llama.cpp's state of the stream's sequence, in the one-stream form every session loads."""
+    return session.cache.slot.state_get()
 
 
 def _set_sequence_state(session, payload: bytearray) -> None:
     """Make ``payload`` (from llama_state_seq_get_data) the cache's contents.
 
-    The whole memory is cleared first, not only the stream's cells: that also sends llama.cpp's
-    search for free cells back to cell 0, so the cells land where a fresh session's restore puts
-    them. Between steps only the stream's sequence holds cells.
+    An own context's whole memory is cleared first, not only the stream's cells: that also sends
+    llama.cpp's search for free cells back to cell 0, so the cells land where a fresh session's
+    restore puts them. Between steps only the stream's sequence holds cells.
     """
-    cache = session.cache
-    C.llama_memory_clear(cache.mem, False)
     if payload:
-        n_read = C.llama_state_seq_set_data(cache.ctx, _uint8_view(payload), len(payload), STREAM_SEQ)
+        n_read = session.cache.slot.state_set(payload)
         if n_read == 0:
             raise SessionFileError("llama.cpp refused the saved cache state (other llama.cpp version or settings)")
         if n_read != len(payload):
             raise SessionFileError(f"llama.cpp refused the saved cache state: it holds {len(payload)} bytes, "
                                    f"llama.cpp read {n_read}")
-
-
-def _uint8_view(buffer: bytearray):
-    """``buffer`` as the ``uint8_t *`` llama.cpp's state functions take, sharing its memory."""
-    return (ctypes.c_uint8 * len(buffer)).from_buffer(buffer)
+    else:
+        session.cache.slot.clear()
 
 
 # -- atomic writes --------------------------------------------------------------------------------

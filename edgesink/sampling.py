@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass, fields
 
@@ -11,6 +12,8 @@ from ._native import C
 from .errors import SettingsError
 
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed each time
+# struct llama_token_data { llama_token id; float logit; float p; }
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,20 @@ class Sampler:
     def sample(self, ctx) -> int:
         """Draw a token from the logits of the last token decoded in ``ctx`` (and accept it)."""
         return int(C.llama_sampler_sample(self._chain, ctx, -1))
+
+    def sample_logits(self, logits: np.ndarray) -> int:
+        """Draw a token from one row of logits (and accept it), as :meth:`sample` does from a context."""
+        n = len(logits)
+        data = np.empty(n, dtype=_TOKEN_DATA)
+        data["id"] = np.arange(n, dtype=np.int32)
+        data["logit"] = logits
+        data["p"] = 0.0
+        array = C.llama_token_data_array(data=data.ctypes.data_as(C.llama_token_data_p), size=n,
+                                         selected=-1, sorted=False)
+        C.llama_sampler_apply(self._chain, ctypes.byref(array))
+        token = int(array.data[array.selected].id)  # the samplers may point data elsewhere
+        C.llama_sampler_accept(self._chain, token)
+        return token
 
     def close(self) -> None:
         if self._chain:

@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 
 from ._native import C
+from .contexts import OwnContext, SharedContext, context_params
 from .chat import Chat, saved_chat_problem
 from .errors import ClosedError, SessionFileError, SettingsError, UnsupportedModelError
 from .kvcache import StreamCache, deferred_interrupt
 from .layout import is_json_int, state_problem
 from .config import SessionConfig
-from .options import CACHE_TYPES, check_n_ctx, default_threads, kept_forward_mode, not_int, stop_strings
+from .options import check_n_ctx, kept_forward_mode, not_int, stop_strings
 from .persistence import load_session, save_session, saved_settings
 from .policies import ContextPolicy
 from .sampling import Sampler, SamplingParams
@@ -124,7 +125,8 @@ class Session:
     like stay readable.
     """
 
-    def __init__(self, model: "Model", config: SessionConfig | None = None, **settings):
+    def __init__(self, model: "Model", config: SessionConfig | None = None, *,
+                 context: SharedContext | None = None, **settings):
         self._lock = threading.RLock()  # re-entrant: feed calls feed_tokens, start_chat calls reset...
         self._stream: StreamCache | None = None
         if isinstance(model, (str, bytes, os.PathLike)):
@@ -137,8 +139,11 @@ class Session:
         self.model = model
         self.policy, self.n_ctx, self.batch_size = config.policy, config.n_ctx, config.batch_size
         self.type_k, self.type_v = config.type_k, config.type_v
-        self.kept_forward = kept_forward_mode(config.shift_mode)
-        self._stream = StreamCache(self.model, self._context_params(), capacity=self.n_ctx,
+        self.kept_forward = kept_forward_mode(config.shift_mode) and context is None
+        if context is not None:
+            context.check_config(config)
+        slot = OwnContext(model, context_params(model, config), self.n_ctx) if context is None else context.open_slot()
+        self._stream = StreamCache(self.model, slot, capacity=self.n_ctx,
                                    kept_forward=self.kept_forward, rebase_every=config.rebase_every,
                                    refresh_every=config.refresh_every)
         self.model.attach(self._stream, self._lock)  # closing the model closes this cache first
@@ -152,21 +157,6 @@ class Session:
         self._chat = None
 
     # -- construction helpers ------------------------------------------------------------------
-
-    def _context_params(self):
-        config = self.config
-        p = C.llama_context_default_params()
-        p.n_ctx = self.n_ctx
-        p.n_batch = p.n_ubatch = max(self.batch_size, min(512, self.n_ctx))
-        p.n_seq_max = 2  # the stream, and a scratch sequence to re-encode the kept tokens
-        p.kv_unified = True  # one cache of n_ctx cells shared by both sequences
-        p.n_threads = p.n_threads_batch = config.n_threads or default_threads()
-        p.type_k, p.type_v = CACHE_TYPES[config.type_k], CACHE_TYPES[config.type_v]
-        p.flash_attn_type = {None: -1, True: 1, False: 0}[config.flash_attn]
-        # Sliding-window (iSWA) models keep only the last n_swa tokens by default, which cannot shift.
-        p.swa_full = self.model.n_swa > 0 and self.policy.shifts
-        p.no_perf = True
-        return p
 
     def _check_shift_support(self) -> None:
         if self.policy.shifts and not C.llama_memory_can_shift(self.cache.mem):
@@ -265,6 +255,23 @@ class Session:
             self.start_chat(continue_stream=True)
         generation.setdefault("max_tokens", 512)
         return self._chat.send(message, role=role, **generation)
+
+    def stream_chat(self, message: str, role: str = "user", **generation) -> Iterator[GenerationChunk]:
+        """As :meth:`chat`, but the message is fed at once and the reply comes as
+        :class:`GenerationChunk` objects (with its finish reason)."""
+        self._check_open()
+        if self._chat is None:
+            self.start_chat(continue_stream=True)
+        generation.setdefault("max_tokens", 512)
+        return self._chat.stream_reply(message, role=role, **generation)
+
+    def add_message(self, message: str, role: str = "user") -> None:
+        """Feed a message into the conversation with no reply (replaying a history; ``role`` may be
+        ``assistant``). Outside a conversation, one starts after whatever the stream holds."""
+        self._check_open()
+        if self._chat is None:
+            self.start_chat(continue_stream=True)
+        self._chat.add(message, role=role)
 
     @property
     def conversation(self) -> Chat | None:
@@ -534,7 +541,7 @@ class Session:
         """Sample a token and feed it: (token, its bytes), or (token, None) for an end-of-generation token."""
         start = time.perf_counter()
         self._ensure_context_logits()
-        token = sampler.sample(self.cache.ctx)
+        token = sampler.sample_logits(self._current_logits())
         self._ingest([token], want=None)
         self._gen_rate.add(1, start)
         if self.model.is_end_of_generation(token):

@@ -1,0 +1,414 @@
+"""Where a stream's KV cache lives: a llama.cpp context of its own, or one sequence of a shared one.
+
+A :class:`~edgesink.kvcache.StreamCache` talks to its context only through a *slot*: decode some
+tokens of its sequence, move or remove its cells, save or restore its cells. Two kinds of slot:
+
+* :class:`OwnContext`: one context per stream (``Session`` by default). Its stream is sequence 0,
+  with a scratch sequence 1 to re-encode the kept tokens alone.
+* :class:`SharedContext` hands out :class:`SharedSlot` objects: many streams, one context, one
+  sequence each (llama.cpp's ``n_seq_max``, ``kv_unified=false``: every sequence has its own cells
+  and attends only to them). Streams that decode at the same moment are decoded together, in one
+  ``llama_decode``, so the weights are read once for all of them. There is no scratch sequence
+  (llama.cpp copies cells between sequences only whole-stream), so shared streams evict by moving
+  the window back (shift mode ``window-back``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._native import C
+from .errors import ContextCreationError, DecodeError, SessionFileError, SettingsError, UnsupportedModelError
+from .options import CACHE_TYPES, default_threads
+
+STREAM_SEQ = 0  # an own context's stream lives in sequence 0
+SCRATCH_SEQ = 1  # and its kept tokens are re-encoded in sequence 1, then handed to sequence 0
+
+_STREAM_COUNT = struct.Struct("<I")  # llama.cpp's n_stream, after the magic and seq_id of a sequence state
+_STATE_HEAD = 8  # uint32 magic, int32 seq_id
+
+
+def context_params(model, config):
+    """``llama_context_params`` for one stream of a :class:`~edgesink.config.SessionConfig`."""
+    p = C.llama_context_default_params()
+    p.n_ctx = config.n_ctx
+    p.n_batch = p.n_ubatch = max(config.batch_size, min(512, config.n_ctx))
+    p.n_seq_max = 2  # the stream, and a scratch sequence to re-encode the kept tokens
+    p.kv_unified = True  # one cache of n_ctx cells shared by both sequences
+    p.n_threads = p.n_threads_batch = config.n_threads or default_threads()
+    p.type_k, p.type_v = CACHE_TYPES[config.type_k], CACHE_TYPES[config.type_v]
+    p.flash_attn_type = {None: -1, True: 1, False: 0}[config.flash_attn]
+    # Sliding-window (iSWA) models keep only the last n_swa tokens by default, which cannot shift.
+    p.swa_full = model.n_swa > 0 and config.policy.shifts
+    p.no_perf = True
+    return p
+
+
+def new_context(model, params, what: str):
+    """``llama_init_from_model`` or ContextCreationError naming ``what`` failed."""
+    ctx = C.llama_init_from_model(model.handle, params)
+    if not ctx:
+        raise ContextCreationError(f"llama.cpp could not create {what} for {model.path.name} "
+                                   "(out of memory, or a parameter it rejects; see --verbose)")
+    return ctx
+
+
+class _Batch:
+    """A ``llama_batch`` of up to ``n`` tokens with numpy views of its arrays."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.batch = C.llama_batch_init(n, 0, 1)
+        as_np = np.ctypeslib.as_array
+        b = self.batch
+        self.token = as_np(ctypes.cast(b.token, ctypes.POINTER(ctypes.c_int32)), shape=(n,))
+        self.pos = as_np(ctypes.cast(b.pos, ctypes.POINTER(ctypes.c_int32)), shape=(n,))
+        self.n_seq_id = as_np(ctypes.cast(b.n_seq_id, ctypes.POINTER(ctypes.c_int32)), shape=(n,))
+        self.logits = as_np(ctypes.cast(b.logits, ctypes.POINTER(ctypes.c_int8)), shape=(n,))
+        self.seq_ptrs = [b.seq_id[i] for i in range(n)]
+
+    def fill(self, start: int, tokens, pos0: int, seq: int, want_logits) -> None:
+        n = len(tokens)
+        self.token[start:start + n] = tokens
+        self.pos[start:start + n] = np.arange(pos0, pos0 + n, dtype=np.int32)
+        self.n_seq_id[start:start + n] = 1
+        self.logits[start:start + n] = want_logits
+        for i in range(start, start + n):
+            self.seq_ptrs[i][0] = seq
+
+    def free(self) -> None:
+        if self.batch is not None:
+            C.llama_batch_free(self.batch)
+            self.batch = None
+
+
+def _output_rows(ctx, indices, n_vocab: int) -> np.ndarray:
+    """Copies of the logits of the batch positions ``indices`` of the last decode, shape (len, n_vocab)."""
+    rows = np.empty((len(indices), n_vocab), dtype=np.float32)
+    for k, i in enumerate(indices):
+        rows[k] = np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, int(i)), shape=(n_vocab,))
+    return rows
+
+
+def _decode_error(rc: int, n: int, pos0: int) -> DecodeError:
+    cause = "no free cache cell" if rc == 1 else "compute error"
+    return DecodeError(f"llama_decode failed with code {rc} ({cause}) decoding {n} tokens at position {pos0}")
+
+
+class OwnContext:
+    """A llama.cpp context holding one stream (sequence 0) and its scratch sequence (1)."""
+
+    seq = STREAM_SEQ
+    scratch_seq = SCRATCH_SEQ
+    shared = False
+
+    def __init__(self, model, params, capacity: int):
+        self.model = model
+        self.ctx = new_context(model, params, f"a context of n_ctx {capacity}")
+        self.mem = C.llama_get_memory(self.ctx)
+        self.n_batch = C.llama_n_batch(self.ctx)
+        self._batch = _Batch(self.n_batch)
+        self.lock = nullcontext()  # nothing else touches this context
+
+    def decode(self, tokens, pos0: int, seq: int, want_logits) -> np.ndarray:
+        """Decode ``tokens`` at ``pos0...`` in ``seq``; the logits rows of the marked tokens, copied."""
+        n = len(tokens)
+        self._batch.fill(0, tokens, pos0, seq, want_logits)
+        self._batch.batch.n_tokens = n
+        rc = C.llama_decode(self.ctx, self._batch.batch)
+        if rc != 0:
+            raise _decode_error(rc, n, pos0)
+        return _output_rows(self.ctx, np.flatnonzero(want_logits), self.model.n_vocab)
+
+    def clear(self) -> None:
+        """Empty the whole memory (also sends llama.cpp's search for free cells back to cell 0)."""
+        C.llama_memory_clear(self.mem, True)
+
+    def state_get(self) -> bytearray:
+        """llama.cpp's state of the stream's sequence, written straight into one buffer."""
+        return _seq_state(self.ctx, STREAM_SEQ)
+
+    def state_set(self, payload: bytearray) -> int:
+        """Put a sequence state in place of the whole memory; the bytes llama.cpp read (0: refused)."""
+        C.llama_memory_clear(self.mem, False)
+        return C.llama_state_seq_set_data(self.ctx, _uint8_view(payload), len(payload), STREAM_SEQ)
+
+    def close(self) -> None:
+        if self.ctx:
+            self._batch.free()
+            C.llama_free(self.ctx)
+            self.ctx = None
+
+
+@dataclass
+class _Request:
+    seq: int
+    tokens: list
+    pos0: int
+    want: np.ndarray
+    rows: np.ndarray | None = None
+    error: Exception | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class SharedContext:
+    """One llama.cpp context whose sequences are separate streams, decoded together.
+
+    Args:
+        model: the loaded :class:`~edgesink.Model`.
+        config: the :class:`~edgesink.config.SessionConfig` of its streams: every session on it has
+            this n_ctx, these cache types, threads and batch size (policies may differ).
+        slots: how many streams it holds at most.
+        gather_s: how long a decode waits for the other busy streams' decodes to join it.
+
+    A decode blocks until it was carried out: the first thread to arrive leads, waits until every
+    thread inside :meth:`busy` has submitted its own decode (or ``gather_s`` passed), then decodes
+    all of them in one ``llama_decode`` and hands each its logits. Without :meth:`busy` callers a
+    decode runs at once. llama.cpp batches consecutive sequence ids together, so slots are handed
+    out lowest first.
+    """
+
+    def __init__(self, model, config, *, slots: int, gather_s: float = 0.005):
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise SettingsError(f"a shared context needs an integer number of slots >= 1, got {slots!r}")
+        if model.n_swa > 0:
+            # Their state holds two caches, and the window-back shift of a sliding window is untested.
+            raise UnsupportedModelError(f"{model.path.name} uses sliding-window attention: sessions on it "
+                                        "cannot share a context; give each its own")
+        self.model = model
+        self.config = config
+        self.slots = slots
+        self.capacity = config.n_ctx
+        params = context_params(model, config)
+        params.n_ctx = params.n_ctx * slots
+        params.n_seq_max = slots
+        params.kv_unified = False  # a KV stream per sequence: each attends over its own cells only
+        self.ctx = new_context(model, params, f"a shared context of {slots} x {self.capacity} cells")
+        self.mem = C.llama_get_memory(self.ctx)
+        self.n_batch = C.llama_n_batch(self.ctx)
+        self._batch = _Batch(self.n_batch)
+        self.gather_s = gather_s
+        self.lock = threading.RLock()  # every llama.cpp call on the context
+        self._cond = threading.Condition()
+        self._pending: list[_Request] = []
+        self._leading = False
+        self._busy = 0
+        self._free = list(range(slots))
+        self.decodes = 0  # llama_decode calls, and the sequences they carried: batching at work
+        self.decoded_requests = 0
+
+    def check_config(self, config) -> None:
+        """SettingsError unless a session of ``config`` can live here (same cache, threads, batch)."""
+        for key in ("n_ctx", "type_k", "type_v", "n_threads", "flash_attn"):
+            if getattr(config, key) != getattr(self.config, key):
+                raise SettingsError(f"this shared context holds sessions of {key}={getattr(self.config, key)!r}, "
+                                    f"not {getattr(config, key)!r}")
+        if config.batch_size > self.n_batch:
+            raise SettingsError(f"batch_size {config.batch_size} exceeds the shared context's batch of {self.n_batch}")
+
+    def open_slot(self) -> "SharedSlot":
+        """A free sequence of this context (empty), or RuntimeError when all are taken."""
+        with self._cond:
+            if not self.ctx:
+                raise RuntimeError("this shared context is closed")
+            if not self._free:
+                raise RuntimeError(f"all {self.slots} slots of the shared context are in use")
+            self._free.sort()
+            seq = self._free.pop(0)
+        with self.lock:
+            C.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        return SharedSlot(self, seq)
+
+    def release(self, seq: int) -> None:
+        with self.lock:
+            if self.ctx:
+                C.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        with self._cond:
+            self._free.append(seq)
+
+    @property
+    def free_slots(self) -> int:
+        with self._cond:
+            return len(self._free)
+
+    # -- batched decoding -------------------------------------------------------------------
+
+    def busy(self):
+        """Mark the calling thread as working on a stream, so decodes wait for its decode to join."""
+        return _Busy(self)
+
+    def decode(self, seq: int, tokens, pos0: int, want_logits) -> np.ndarray:
+        if len(tokens) > self.n_batch:
+            raise ValueError(f"{len(tokens)} tokens exceed the shared context's batch of {self.n_batch}")
+        request = _Request(seq, list(tokens), pos0, np.asarray(want_logits, dtype=np.int8))
+        with self._cond:
+            self._pending.append(request)
+            self._cond.notify_all()
+        # The first to arrive leads; a request the leader left out (the batch was full) leads next.
+        while not request.done.is_set():
+            with self._cond:
+                lead = not self._leading and not request.done.is_set()
+                if lead:
+                    self._leading = True
+                else:
+                    self._cond.wait(0.05)
+            if lead:
+                try:
+                    self._lead()
+                finally:
+                    with self._cond:
+                        self._leading = False
+                        self._cond.notify_all()
+        if request.error is not None:
+            raise request.error
+        return request.rows
+
+    def _lead(self) -> None:
+        deadline = time.monotonic() + self.gather_s
+        with self._cond:
+            while len(self._pending) < self._busy and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
+            taken, room = [], self.n_batch
+            for request in sorted(self._pending, key=lambda r: r.seq):  # consecutive sequences batch together
+                if len(request.tokens) <= room:
+                    taken.append(request)
+                    room -= len(request.tokens)
+            self._pending = [r for r in self._pending if r not in taken]
+        self._decode_together(taken)
+
+    def _decode_together(self, requests: list[_Request]) -> None:
+        with self.lock:
+            try:
+                if not self.ctx:
+                    raise DecodeError("the shared context is closed")
+                start = 0
+                for r in requests:
+                    self._batch.fill(start, r.tokens, r.pos0, r.seq, r.want)
+                    start += len(r.tokens)
+                self._batch.batch.n_tokens = start
+                rc = C.llama_decode(self.ctx, self._batch.batch)
+                if rc != 0:
+                    raise _decode_error(rc, start, requests[0].pos0)
+                self.decodes += 1
+                self.decoded_requests += len(requests)
+                start = 0
+                for r in requests:
+                    r.rows = _output_rows(self.ctx, start + np.flatnonzero(r.want), self.model.n_vocab)
+                    start += len(r.tokens)
+            except Exception as error:  # every request of the batch learns it failed
+                for r in requests:
+                    r.error = error
+        for r in requests:
+            r.done.set()
+
+    def close(self) -> None:
+        """Free the context (its slots must be closed first: their caches then raise ClosedError)."""
+        with self.lock:
+            if self.ctx:
+                self._batch.free()
+                C.llama_free(self.ctx)
+                self.ctx = None
+
+
+class _Busy:
+    def __init__(self, shared: SharedContext):
+        self.shared = shared
+
+    def __enter__(self):
+        with self.shared._cond:
+            self.shared._busy += 1
+
+    def __exit__(self, *exc):
+        with self.shared._cond:
+            self.shared._busy -= 1
+            self.shared._cond.notify_all()
+
+
+class SharedSlot:
+    """One sequence of a :class:`SharedContext`: what a StreamCache needs of its context."""
+
+    scratch_seq = None  # no scratch sequence: shared streams shift the window back
+    shared = True
+
+    def __init__(self, shared: SharedContext, seq: int):
+        self.owner = shared
+        self.model = shared.model
+        self.seq = seq
+        self.n_batch = shared.n_batch
+        self.lock = shared.lock
+
+    @property
+    def ctx(self):
+        return self.owner.ctx
+
+    @property
+    def mem(self):
+        return self.owner.mem
+
+    def decode(self, tokens, pos0: int, seq: int, want_logits) -> np.ndarray:
+        return self.owner.decode(seq, tokens, pos0, want_logits)
+
+    def clear(self) -> None:
+        with self.lock:
+            C.llama_memory_seq_rm(self.mem, self.seq, -1, -1)
+
+    def state_get(self) -> bytearray:
+        """The sequence's state in the form a context of one stream writes (so any session loads it)."""
+        with self.lock:
+            state = _seq_state(self.ctx, self.seq)
+        return _one_stream(state, self.seq, self.owner.slots)
+
+    def state_set(self, payload: bytearray) -> int:
+        """Put a one-stream sequence state (:meth:`state_get`, or a lone session's) into this sequence."""
+        full = _all_streams(payload, self.seq, self.owner.slots)
+        with self.lock:
+            C.llama_memory_seq_rm(self.mem, self.seq, -1, -1)
+            n_read = C.llama_state_seq_set_data(self.ctx, _uint8_view(full), len(full), self.seq)
+        return len(payload) if n_read == len(full) else min(n_read, len(payload) - 1)
+
+    def close(self) -> None:
+        if self.seq is not None:
+            self.owner.release(self.seq)
+            self.seq = None
+
+
+# -- sequence states ---------------------------------------------------------------------------------
+# llama_state_seq_get_data writes: uint32 magic, int32 seq_id, uint32 n_stream, then per stream a
+# uint32 cell count and that many cells. A shared context has a stream per sequence, all but one empty
+# (count 0); a lone context has one stream. Saved files always hold the one-stream form, with seq_id 0.
+
+def _one_stream(state: bytearray, seq: int, n_stream: int) -> bytearray:
+    head, body = state[:_STATE_HEAD], state[_STATE_HEAD + _STREAM_COUNT.size:]
+    before, after = 4 * seq, 4 * (n_stream - 1 - seq)
+    if any(body[:before]) or (after and any(body[len(body) - after:])):
+        raise SessionFileError("llama.cpp wrote a sequence state with cells in another sequence's stream")
+    struct.pack_into("<i", head, 4, STREAM_SEQ)
+    return head + _STREAM_COUNT.pack(1) + body[before:len(body) - after]
+
+
+def _all_streams(payload: bytearray, seq: int, n_stream: int) -> bytearray:
+    if len(payload) < _STATE_HEAD + _STREAM_COUNT.size or _STREAM_COUNT.unpack_from(payload, _STATE_HEAD)[0] != 1:
+        raise SessionFileError("the saved cache state is not that of one stream")
+    head, body = bytearray(payload[:_STATE_HEAD]), payload[_STATE_HEAD + _STREAM_COUNT.size:]
+    struct.pack_into("<i", head, 4, seq)
+    return head + _STREAM_COUNT.pack(n_stream) + bytes(4 * seq) + body + bytes(4 * (n_stream - 1 - seq))
+
+
+def _seq_state(ctx, seq: int) -> bytearray:
+    size = C.llama_state_seq_get_size(ctx, seq)
+    state = bytearray(size)
+    written = C.llama_state_seq_get_data(ctx, _uint8_view(state), size, seq)
+    del state[written:]  # the ctypes view above is gone, so the buffer may shrink
+    return state
+
+
+def _uint8_view(buffer: bytearray):
+    """``buffer`` as the ``uint8_t *`` llama.cpp's state functions take, sharing its memory."""
+    return (ctypes.c_uint8 * len(buffer)).from_buffer(buffer)
