@@ -17,6 +17,7 @@ from .errors import (
     EdgesinkError,
     ModelLoadError,
     ModelNotFoundError,
+    NoFreeSlotError,
     SessionFileError,
     SessionSaveError,
     SettingsError,
@@ -31,13 +32,14 @@ from .model import Model
 from .policies import POLICY_NAMES, ContextPolicy, Dense, Halve, Recompute, Sink, Window, make_policy
 from .sampling import SamplingParams
 from .config import SessionConfig
+from .contexts import SharedContext
 from .session import GenerationChunk, Session, SessionStats
 from .version import __version__
 
 __all__ = [
     "ClosedError", "ContextCreationError", "ContextFullError", "ContextPolicy", "CorpusError", "DecodeError", "Dense", "EdgesinkError", "GenerationChunk",
-    "Halve", "Model", "ModelLoadError", "ModelNotFoundError", "POLICY_NAMES", "Recompute",
-    "SamplingParams", "Session", "SessionConfig", "SessionFileError", "SessionSaveError", "SessionStats", "SettingsError", "Sink",
+    "Halve", "Model", "ModelLoadError", "ModelNotFoundError", "NoFreeSlotError", "POLICY_NAMES", "Recompute",
+    "SamplingParams", "Session", "SessionConfig", "SessionFileError", "SessionSaveError", "SessionStats", "SettingsError", "SharedContext", "Sink",
     "SystemPromptTooLongError", "TemplateRenderError", "TemplateRewriteError", "TextTooLongError", "UnsupportedModelError", "Window",
     "__version__", "load", "make_policy",
 ]

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._native import C
-from .errors import ContextCreationError, DecodeError, SessionFileError, SettingsError, UnsupportedModelError
+from .errors import (ClosedError, ContextCreationError, DecodeError, NoFreeSlotError, SessionFileError, SettingsError,
+                     UnsupportedModelError)
 from .options import CACHE_TYPES, default_threads
 
 STREAM_SEQ = 0  # an own context's stream lives in sequence 0
@@ -203,6 +204,7 @@ class SharedContext:
         self._free = list(range(slots))
         self.decodes = 0  # llama_decode calls, and the sequences they carried: batching at work
         self.decoded_requests = 0
+        model.attach(self, self.lock)  # closing the model frees this context first
 
     def check_config(self, config) -> None:
         """SettingsError unless a session of ``config`` can live here (same cache, threads, batch)."""
@@ -217,9 +219,10 @@ class SharedContext:
         """A free sequence of this context (empty), or RuntimeError when all are taken."""
         with self._cond:
             if not self.ctx:
-                raise RuntimeError("this shared context is closed")
+                raise ClosedError("this shared context is closed")
             if not self._free:
-                raise RuntimeError(f"all {self.slots} slots of the shared context are in use")
+                raise NoFreeSlotError(f"all {self.slots} slots of the shared context hold a session; "
+                                      "close one first")
             self._free.sort()
             seq = self._free.pop(0)
         with self.lock:
@@ -309,12 +312,22 @@ class SharedContext:
             r.done.set()
 
     def close(self) -> None:
-        """Free the context (its slots must be closed first: their caches then raise ClosedError)."""
-        with self.lock:
-            if self.ctx:
+        """Free the context; sessions still on it then raise ClosedError. Idempotent."""
+        with getattr(self, "lock", None) or nullcontext():  # None: __init__ failed early
+            if getattr(self, "ctx", None):
+                self.model.detach(self)
                 self._batch.free()
                 C.llama_free(self.ctx)
                 self.ctx = None
+
+    def __enter__(self) -> "SharedContext":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
 
 
 class _Busy:

@@ -63,3 +63,7 @@ class SessionFileError(EdgesinkError):
 
 class SessionSaveError(EdgesinkError, OSError):
     """A session could not be saved, or not durably; the message says what the file at that path now holds."""
+
+
+class NoFreeSlotError(EdgesinkError, RuntimeError):
+    """Every sequence of a shared context holds a session already."""

@@ -141,6 +141,9 @@ class Session:
         self.type_k, self.type_v = config.type_k, config.type_v
         self.kept_forward = kept_forward_mode(config.shift_mode) and context is None
         if context is not None:
+            if config.shift_mode == "kept-forward":
+                raise SettingsError("sessions on a shared context shift the window back (no scratch sequence "
+                                    "to re-encode kept tokens in): use shift_mode 'auto' or 'window-back'")
             context.check_config(config)
         slot = OwnContext(model, context_params(model, config), self.n_ctx) if context is None else context.open_slot()
         self._stream = StreamCache(self.model, slot, capacity=self.n_ctx,

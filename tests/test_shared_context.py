@@ -1,0 +1,115 @@
+"""Sessions sharing one llama.cpp context (a sequence each) compute what lone sessions compute, stay
+apart, batch their decodes, and save files any session can load."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import edgesink
+from edgesink import ClosedError, NoFreeSlotError, Session, SessionConfig, SettingsError, SharedContext, \
+    UnsupportedModelError
+
+CONFIG = SessionConfig.of(n_ctx=256, shift_mode="window-back", n_threads=1, batch_size=32)
+WORDS = ["apples", "rivers", "violins", "glaciers", "lanterns", "falcons", "copper", "tulips"]
+TEXTS = [f"Session {i} speaks of {word} and only of {word}. " * 25 for i, word in enumerate(WORDS)]
+
+
+def lone_result(model, text: str, config=CONFIG):
+    with Session(model, config) as s:
+        s.feed(text)
+        return s.next_logits(), s.generate_text(12, temperature=0), s.cached_tokens()
+
+
+def run_together(shared: SharedContext, model, texts, config=CONFIG):
+    """Feed and generate in every text's session at once, each from its own thread."""
+    results, errors = [None] * len(texts), []
+
+    def work(i):
+        try:
+            with shared.busy(), Session(model, config, context=shared) as s:
+                s.feed(texts[i])
+                results[i] = (s.next_logits(), s.generate_text(12, temperature=0), s.cached_tokens())
+        except Exception as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results
+
+
+def test_eight_sessions_decoded_together_compute_what_each_computes_alone(model):
+    """Past their window (eviction, shifts), eight concurrent streams give bitwise a lone session's
+    logits and text, hold only their own tokens, and share decodes (fewer calls than requests)."""
+    alone = [lone_result(model, text) for text in TEXTS]
+    with SharedContext(model, CONFIG, slots=8) as shared:
+        together = run_together(shared, model, TEXTS)
+        assert shared.decoded_requests > shared.decodes * 1.5, (shared.decodes, shared.decoded_requests)
+    for i, ((logits, text, cached), (logits2, text2, cached2)) in enumerate(zip(alone, together)):
+        assert np.array_equal(logits, logits2), i
+        assert text == text2
+        assert cached == cached2  # isolation: exactly its own tokens, none of another stream's
+    for i, (_, _, cached) in enumerate(together):
+        cached_text = model.detokenize(cached)
+        assert [w for w in WORDS if w in cached_text] == [WORDS[i]]
+
+
+def test_saved_files_move_between_shared_and_lone_sessions(model, tmp_path):
+    with SharedContext(model, CONFIG, slots=3) as shared:
+        occupant = Session(model, CONFIG, context=shared)  # another stream in the context, sequence 0
+        occupant.feed(TEXTS[1])
+        with Session(model, CONFIG, context=shared) as s:
+            s.feed(TEXTS[0])
+            s.save(tmp_path / "shared.session")
+            expected = s.next_logits()
+        restored_lone = Session.restore(tmp_path / "shared.session", model, n_threads=1)
+        assert np.array_equal(restored_lone.next_logits(), expected)
+        restored_lone.feed(" And then")
+        restored_lone.save(tmp_path / "lone.session")
+        after = restored_lone.next_logits()
+        restored_lone.close()
+        back = Session.restore(tmp_path / "lone.session", model, n_threads=1, context=shared)
+        assert back.cache.seq != 0 or occupant.cache.seq != 0
+        assert np.array_equal(back.next_logits(), after)
+        with Session(model, CONFIG) as lone:
+            lone.feed(TEXTS[1])
+            assert occupant.cached_tokens() == lone.cached_tokens()  # untouched by the restores
+            assert np.array_equal(occupant.next_logits(), lone.next_logits())
+        back.close()
+        occupant.close()
+
+
+def test_shared_context_refusals(model, gemma):
+    with SharedContext(model, CONFIG, slots=1) as shared:
+        with pytest.raises(SettingsError, match="window back"):
+            Session(model, SessionConfig.of(n_ctx=256, shift_mode="kept-forward", n_threads=1), context=shared)
+        with pytest.raises(SettingsError, match="n_ctx"):
+            Session(model, SessionConfig.of(n_ctx=512, shift_mode="window-back", n_threads=1), context=shared)
+        first = Session(model, CONFIG, context=shared)
+        with pytest.raises(NoFreeSlotError, match="close one first"):
+            Session(model, CONFIG, context=shared)
+        first.close()
+        Session(model, CONFIG, context=shared).close()  # the slot came back
+    with pytest.raises(SettingsError, match="slots"):
+        SharedContext(model, CONFIG, slots=0)
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        SharedContext(gemma, CONFIG, slots=2)
+
+
+def test_closing_the_model_closes_the_shared_context_and_its_sessions(model_path):
+    model = edgesink.load(model_path)
+    shared = SharedContext(model, CONFIG, slots=2)
+    s = Session(model, CONFIG, context=shared)
+    s.feed("Hello there.")
+    model.close()
+    assert shared.ctx is None
+    with pytest.raises(ClosedError):
+        s.feed("more")
+    s.close()
+    shared.close()  # idempotent
