@@ -74,7 +74,8 @@ $(BUILD_OPTIONS): FORCE | $(VENV)/bin/python
 FORCE:
 
 $(VENV)/.test-deps: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install "pytest>=8" "pytest-xdist>=3.5" "hypothesis>=6" "pexpect>=4.9" "gguf>=0.10" "matplotlib>=3.7"
+	$(PIP) install "pytest>=8" "pytest-xdist>=3.5" "hypothesis>=6" "pexpect>=4.9" "gguf>=0.10" "matplotlib>=3.7" \
+	               "openai>=1.40"
 	touch $@
 
 # Every set-up checks the default model's sha256 (remembered per file, so this costs a second) and

@@ -248,6 +248,8 @@ class SharedContext:
         return _Busy(self)
 
     def decode(self, seq: int, tokens, pos0: int, want_logits) -> np.ndarray:
+        """Decode ``tokens`` of sequence ``seq`` at ``pos0...``, in one llama_decode with whatever other
+        sequences submit meanwhile; the logits rows of the tokens marked in ``want_logits``, copied."""
         if len(tokens) > self.n_batch:
             raise ValueError(f"{len(tokens)} tokens exceed the shared context's batch of {self.n_batch}")
         request = _Request(seq, list(tokens), pos0, np.asarray(want_logits, dtype=np.int8))
@@ -284,7 +286,8 @@ class SharedContext:
                     taken.append(request)
                     room -= len(request.tokens)
             self._pending = [r for r in self._pending if r not in taken]
-        self._decode_together(taken)
+        if taken:  # empty when an earlier leader took this thread's request along
+            self._decode_together(taken)
 
     def _decode_together(self, requests: list[_Request]) -> None:
         with self.lock:

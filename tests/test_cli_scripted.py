@@ -114,3 +114,33 @@ def test_feed_progress_lines_in_a_pipe_do_not_run_together(monkeypatch):
     assert final.startswith("fed 128 tokens in ") and final.endswith("tokens seen 128, in cache 64 (kept 0), "
                                                                       "evicted 64, positions 0..63")
     assert lines[-1] == ""
+
+
+def test_serve_options_reach_the_server(monkeypatch):
+    import edgesink.serve
+    from edgesink.serve import ServeLimits
+    calls = []
+    monkeypatch.setattr(edgesink.serve, "run", lambda model, config, **kw: calls.append((model, config, kw)))
+    monkeypatch.setenv("EDGESINK_API_KEY", "from-the-environment")
+    ok(run("serve", "smollm2-135m", "--n-ctx", 512, "--threads", 1, "--port", 9000, "--slots", 3, "--max-queue", 5,
+           "--queue-timeout", 2, "--max-body", 4096, "--max-tokens", 100))
+    ((model, config, options),) = calls
+    assert model.path.name == "smollm2-135m"
+    assert (config.n_ctx, config.n_threads, config.shift_mode) == (512, 1, "window-back")
+    assert config.policy == Sink(sinks=4, evict_chunk=64)  # a window moved back once per 64 tokens, not per token
+    assert options["limits"] == ServeLimits(max_body_bytes=4096, max_queue=5, queue_timeout=2.0, max_tokens=100)
+    assert (options["host"], options["port"], options["slots"]) == ("127.0.0.1", 9000, 3)
+    assert options["api_key"] == "from-the-environment" and options["sessions_dir"] is None
+    assert options["model_ids"] == ["smollm2-135m"]
+    ok(run("serve", "models/x.gguf", "--api-key", "k", "-o", "evict_chunk=1"))
+    assert calls[-1][2]["model_ids"] == ["x"] and calls[-1][2]["api_key"] == "k"
+    assert calls[-1][1].policy == Sink(sinks=4, evict_chunk=1)
+    ok(run("serve", "--policy", "halve"))
+
+
+def test_serve_refuses_a_shift_mode_it_cannot_run(monkeypatch):
+    import edgesink.serve
+    monkeypatch.setattr(edgesink.serve, "run", lambda *a, **kw: pytest.fail("the server must not start"))
+    result = run("serve", "-o", "shift_mode=kept-forward")
+    assert result.exit_code == 2 and "window-back" in result.output
+    assert run("serve", "--slots", 0).exit_code == 2

@@ -414,6 +414,10 @@ def looks_like_model(text: str) -> bool:
     return text.endswith(".gguf") or text in load_registry() or names_hub_model(text)
 
 
+def looks_like_path(spec: str) -> bool:
+    return spec.endswith(".gguf") or os.sep in spec or Path(spec).exists()
+
+
 def split_model_and_files(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
     if args and looks_like_model(args[0]):
         return args[0], list(args[1:])
@@ -472,6 +476,10 @@ reply says so ("edgesink": {"started_over": ...}). Unnamed requests share one co
 that way. Up to --slots sessions are live and decode together; the least recently used idle
 one is saved to --sessions DIR and freed when another needs its slot. With --sessions, named
 sessions are saved after every request and restored after a restart.
+
+Served sessions move the window back when they evict (shift_mode window-back), which moves
+every cached cell; so sink and window evict 64 tokens at a time unless -o evict_chunk=N says
+otherwise (a chat evicts whole turns anyway).
 """
 
 
@@ -498,16 +506,21 @@ sessions are saved after every request and restored after a restart.
 @friendly_errors
 def serve(model, session_args, host, port, api_key, sessions_dir, slots, max_queue, queue_timeout, max_body,
           max_tokens_limit):
-    from ..serve import ServeLimits, run  # lazy: the HTTP stack (starlette, uvicorn) loads only to serve
+    from ..serve import EVICT_CHUNK, ServeLimits, run  # lazy: the HTTP stack (starlette, uvicorn) loads only to serve
 
     if session_args.settings.get("shift_mode", "window-back") != "window-back":
         raise click.UsageError("served sessions share one context and shift the window back: "
                                "-o shift_mode=window-back is the only mode here")
+    if session_args.policy in ("sink", "window") and "evict_chunk" not in session_args.settings:
+        # Moving the window back moves every cell: a plain text stream evicts EVICT_CHUNK tokens at a
+        # time, so it pays that once per chunk, not per token (a chat evicts whole turns anyway).
+        session_args = dataclasses.replace(session_args, settings={**session_args.settings, "evict_chunk": EVICT_CHUNK})
     config = dataclasses.replace(_checked(session_args.config), shift_mode="window-back")
     engine = click.get_current_context().find_object(Engine) or Engine()
     _native.set_verbose(session_args.verbose)
     loaded = engine.load(model, n_gpu_layers=session_args.n_gpu_layers)
-    ids = list(dict.fromkeys([model or loaded.path.stem, loaded.path.stem]))
+    # Clients name the model by the file's stem, or by the registry or Hub name it was loaded by.
+    ids = list(dict.fromkeys([loaded.path.stem] if model is None or looks_like_path(model) else [model, loaded.path.stem]))
     if sessions_dir:
         sessions_dir.mkdir(parents=True, exist_ok=True)
     run(loaded, config, host=host, port=port, slots=slots, sessions_dir=sessions_dir, api_key=api_key,

@@ -9,13 +9,16 @@ has the part already fed recognised and skipped; sessions decoding at the same m
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 from pathlib import Path
 
 from .app import ServeLimits, Server, create_app
 from .pool import SessionPool
 
-__all__ = ["ServeLimits", "Server", "SessionPool", "create_app", "run"]
+__all__ = ["EVICT_CHUNK", "ServeLimits", "Server", "SessionPool", "create_app", "run"]
+
+EVICT_CHUNK = 64  # served sink/window sessions evict this many tokens at a time unless told otherwise
 
 
 def run(model, config, *, host: str, port: int, slots: int, sessions_dir: Path | None, api_key: str | None,
@@ -34,6 +37,9 @@ def run(model, config, *, host: str, port: int, slots: int, sessions_dir: Path |
         yield
 
     app = create_app(server, lifespan=announce)
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again under the handler it found:
+    # this one, so the sessions below are saved and the exit status says all went well.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
     finally:

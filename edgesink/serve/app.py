@@ -23,9 +23,9 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import EdgesinkError, SessionFileError
-from .pool import SessionPool
+from .pool import ANONYMOUS_PREFIX, SessionPool
 from .requests import SESSION_HEADER, SESSION_NAME, ApiError, chat_request, completion_request, parse_json
-from .turns import Turn, chat_turn, completion_turn
+from .turns import Turn, chat_turn, completion_turn, reusable
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class Server:
         self.locks: dict[str, asyncio.Lock] = {}
         self.waiting = 0  # requests waiting for their conversation or a slot
         self.running = 0  # requests holding a slot
+        self.anonymous_made = 0
 
     # -- the routes -----------------------------------------------------------------------------
 
@@ -155,24 +156,32 @@ class Server:
 
     async def _serve(self, parsed, turn_fn, kind: str):
         self._check_model(parsed.model)
-        name = parsed.session or ""
+        name = parsed.session or self._anonymous_for(parsed)
         lock = await self._admit(name)
+        run = self._start(name, parsed, turn_fn, lock)
+        reply = _Reply(kind, f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
+                       parsed.model, parsed.session, parsed.generation.include_usage, run.turn)
+        if parsed.generation.stream:
+            return await self._streamed(run, reply)
+        return await self._whole(run, reply)
+
+    def _start(self, name: str, parsed, turn_fn, lock: asyncio.Lock) -> "_Run":
+        """Run the request's turn in a worker thread; its text pieces arrive on the run's queue."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
-        turn = Turn()
+        run = _Run(asyncio.Queue(), threading.Event(), Turn())
         conversation = self.pool.conversation(name)
 
         def emit(item) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop.call_soon_threadsafe(run.queue.put_nowait, item)
 
         def work() -> None:
-            with self.pool.shared.busy(), conversation.lock:
+            with conversation.lock:
                 try:
                     self.pool.hold(conversation)
                     try:
-                        for piece in turn_fn(self.pool, conversation, parsed, turn, stop.is_set):
-                            emit(("piece", piece))
+                        with self.pool.shared.busy():  # decodes wait for this thread's, to batch with it
+                            for piece in turn_fn(self.pool, conversation, parsed, run.turn, run.stop.is_set):
+                                emit(("piece", piece))
                     finally:
                         self.pool.release(conversation)
                     emit(("done", None))
@@ -180,33 +189,44 @@ class Server:
                     emit(("error", error))
 
         self.running += 1
-        future = loop.run_in_executor(self.executor, work)
-        future.add_done_callback(lambda _: self._finished(lock))
-        reply_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
-        headers = {"x-edgesink-session": name} if name else {}
-        if parsed.generation.stream:
-            try:
-                first = await queue.get()  # the prompt is fed by then: its errors get their own status
-            except BaseException:
-                stop.set()
-                raise
-            if first[0] == "error":
-                raise _as_api_error(first[1])
-            events = self._events(first, queue, stop, turn, parsed, kind, reply_id, name)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={**headers, "cache-control": "no-cache"})
+        loop.run_in_executor(self.executor, work).add_done_callback(lambda _: self._finished(lock))
+        return run
+
+    async def _whole(self, run: "_Run", reply: "_Reply"):
         pieces = []
         try:
-            while (item := await queue.get())[0] == "piece":
+            while (item := await run.queue.get())[0] == "piece":
                 pieces.append(item[1])
         finally:
-            stop.set()  # the client went away while waiting: stop generating
+            run.stop.set()  # the client went away while waiting: stop generating
         if item[0] == "error":
             raise _as_api_error(item[1])
-        body = _response(kind, reply_id, parsed.model, "".join(pieces), turn, name)
-        if turn.started_over:
-            headers["x-edgesink-started-over"] = "1"
-        return JSONResponse(body, headers=headers)
+        return JSONResponse(reply.whole("".join(pieces)), headers=reply.headers())
+
+    async def _streamed(self, run: "_Run", reply: "_Reply"):
+        try:
+            first = await run.queue.get()  # the prompt is fed by then: its errors get their own status
+        except BaseException:
+            run.stop.set()
+            raise
+        if first[0] == "error":
+            raise _as_api_error(first[1])
+        return StreamingResponse(self._events(first, run, reply), media_type="text/event-stream",
+                                 headers={**reply.headers(), "cache-control": "no-cache"})
+
+    def _anonymous_for(self, parsed) -> str:
+        """The anonymous conversation an unnamed request goes to: an idle one holding the start of
+        its history (prefix reuse), else a new one while there are slots, else the least recently used."""
+        anonymous = self.pool.anonymous()
+        idle = [c for c in anonymous if not (c.name in self.locks and self.locks[c.name].locked())]
+        held = {c.name: reusable(c, parsed) for c in idle}
+        best = max(idle, key=lambda c: held[c.name], default=None)
+        if best is not None and held[best.name]:
+            return best.name
+        if len(anonymous) < self.slots:
+            self.anonymous_made += 1
+            return f"{ANONYMOUS_PREFIX}{self.anonymous_made}"
+        return min(idle or anonymous, key=lambda c: c.last_used).name
 
     def _finished(self, lock: asyncio.Lock) -> None:
         """A request's worker is done: its conversation and its slot are free (runs in the event loop)."""
@@ -214,26 +234,78 @@ class Server:
         lock.release()
         self.engine.release()
 
-    async def _events(self, item, queue, stop, turn, parsed, kind, reply_id, name):
+    async def _events(self, item, run: "_Run", reply: "_Reply"):
         """Server-sent events: a chunk per text piece, a last one with the finish reason, then [DONE]."""
         try:
-            if kind == "chat.completion":
-                yield _sse(_chunk(kind, reply_id, parsed.model, {"role": "assistant", "content": ""}))
+            if reply.kind == "chat.completion":
+                yield _sse(reply.chunk({"role": "assistant", "content": ""}))
             while item[0] == "piece":
-                delta = {"content": item[1]} if kind == "chat.completion" else item[1]
-                yield _sse(_chunk(kind, reply_id, parsed.model, delta))
-                item = await queue.get()
+                yield _sse(reply.chunk({"content": item[1]} if reply.kind == "chat.completion" else item[1]))
+                item = await run.queue.get()
             if item[0] == "error":
                 yield _sse(_as_api_error(item[1]).body())
                 return
-            last = _chunk(kind, reply_id, parsed.model, {} if kind == "chat.completion" else "", turn.finish_reason)
-            last["edgesink"] = turn.extension(name or None)
-            yield _sse(last)
-            if parsed.generation.include_usage:
-                yield _sse({**_chunk(kind, reply_id, parsed.model, None), "choices": [], "usage": turn.usage()})
+            yield _sse(reply.last_chunk())
+            if reply.include_usage:
+                yield _sse(reply.usage_chunk())
             yield "data: [DONE]\n\n"
         finally:
-            stop.set()  # a client gone mid-stream: the worker stops after the current token
+            run.stop.set()  # a client gone mid-stream: the worker stops after the current token
+
+
+@dataclass
+class _Run:
+    """A request's turn running in a worker: its pieces, its stop flag, what it did."""
+
+    queue: asyncio.Queue
+    stop: threading.Event
+    turn: Turn
+
+
+@dataclass
+class _Reply:
+    """The response's OpenAI shape: whole, or as stream chunks."""
+
+    kind: str  # "chat.completion" or "text_completion"
+    id: str
+    model: str
+    session: str | None  # the client's name for the conversation; None for unnamed requests
+    include_usage: bool
+    turn: Turn
+
+    def headers(self) -> dict:
+        headers = {"x-edgesink-session": self.session} if self.session else {}
+        if self.turn.started_over:
+            headers["x-edgesink-started-over"] = "1"
+        return headers
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": int(time.time()), "model": self.model}
+
+    def whole(self, text: str) -> dict:
+        turn = self.turn
+        if self.kind == "chat.completion":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": turn.finish_reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": turn.finish_reason, "logprobs": None}
+        return {**self._head(self.kind), "choices": [choice], "usage": turn.usage(),
+                "edgesink": turn.extension(self.session)}
+
+    def chunk(self, delta, finish_reason: str | None = None) -> dict:
+        if self.kind == "chat.completion":
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            return {**self._head("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head("text_completion"), "choices": [choice]}
+
+    def last_chunk(self) -> dict:
+        last = self.chunk({} if self.kind == "chat.completion" else "", self.turn.finish_reason)
+        return {**last, "edgesink": self.turn.extension(self.session)}
+
+    def usage_chunk(self) -> dict:
+        kind = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
+        return {**self._head(kind), "choices": [], "usage": self.turn.usage()}
 
 
 def _session_name(request: Request) -> str:
@@ -255,27 +327,6 @@ def _as_api_error(error: Exception) -> ApiError:
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _chunk(kind: str, reply_id: str, model: str, delta, finish_reason: str | None = None) -> dict:
-    created = int(time.time())
-    if kind == "chat.completion":
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-        return {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [choice] if delta is not None else []}
-    choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}
-    return {"id": reply_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [choice] if delta is not None else []}
-
-
-def _response(kind: str, reply_id: str, model: str, text: str, turn: Turn, name: str) -> dict:
-    if kind == "chat.completion":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": turn.finish_reason,
-                  "logprobs": None}
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": turn.finish_reason, "logprobs": None}
-    return {"id": reply_id, "object": kind, "created": int(time.time()), "model": model, "choices": [choice],
-            "usage": turn.usage(), "edgesink": turn.extension(name or None)}
 
 
 async def _api_error(request: Request, error: ApiError):

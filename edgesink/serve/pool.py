@@ -1,7 +1,7 @@
 """The server's conversations: sessions on one shared context, live or snapshotted to disk.
 
-Each conversation is a :class:`Conversation` with a name (``""`` for unnamed requests, which
-share one). At most ``slots`` are live (each a sequence of the shared context); when another is
+Each conversation is a :class:`Conversation` with a name: the client's, or ``~N`` for the
+anonymous ones that unnamed requests use (never saved). At most ``slots`` are live (each a sequence of the shared context); when another is
 needed, the least recently used idle one is saved to the sessions folder and freed, and restored
 from there on its next request, after a restart too. Every method here runs in a worker thread:
 each may call llama.cpp.
@@ -21,6 +21,7 @@ from ..errors import SessionFileError
 from ..session import Session
 
 SNAPSHOT_SUFFIX = ".session"
+ANONYMOUS_PREFIX = "~"  # client names cannot begin with it
 
 
 @dataclass
@@ -35,6 +36,11 @@ class Conversation:
     last_used: float = 0.0
     running: bool = False  # a request works on it now: it must not be snapshotted
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def named(self) -> bool:
+        """Named by a client (saved, restored); anonymous ones (``~N``) serve unnamed requests."""
+        return not self.name.startswith(ANONYMOUS_PREFIX)
 
     @property
     def mode(self) -> str | None:
@@ -66,6 +72,7 @@ class SessionPool:
         self.sessions_dir.mkdir(parents=True, exist_ok=True)
         self._conversations: dict[str, Conversation] = {}
         self._guard = threading.Lock()  # the dict and who is live
+        self._claiming = threading.Lock()  # one thread at a time frees and takes slots
 
     # -- finding and holding a conversation ------------------------------------------------
 
@@ -80,15 +87,15 @@ class SessionPool:
             conversation.running = True
             conversation.last_used = time.monotonic()
         if conversation.session is None:
-            self._make_room()
-            conversation.session = self._restore(conversation) or Session(self.model, self.config,
-                                                                            context=self.shared)
+            with self._claiming:
+                self._make_room()
+                conversation.session = self._restore(conversation) or self._new_session()
         return conversation.session
 
     def release(self, conversation: Conversation) -> None:
         """End a request: a named session is saved (durable folder), then may be freed for another."""
         try:
-            if self.durable and conversation.name and conversation.session is not None:
+            if self.durable and conversation.named and conversation.session is not None:
                 self._save(conversation)
         finally:
             with self._guard:
@@ -97,11 +104,14 @@ class SessionPool:
 
     def start_over(self, conversation: Conversation) -> Session:
         """Forget the conversation's stream: a fresh session in its slot."""
-        conversation.session.reset()
-        conversation.session.close()
-        conversation.text_digest, conversation.text_length = None, 0
-        conversation.session = Session(self.model, self.config, context=self.shared)
+        with self._claiming:  # the slot freed here is the one taken back
+            conversation.session.close()
+            conversation.text_digest, conversation.text_length = None, 0
+            conversation.session = self._new_session()
         return conversation.session
+
+    def _new_session(self) -> Session:
+        return Session(self.model, self.config, context=self.shared)
 
     def _make_room(self) -> None:
         """Free a slot if none is free: snapshot the least recently used idle live session."""
@@ -115,7 +125,7 @@ class SessionPool:
             victim.running = True  # nobody else takes it meanwhile
         try:
             with victim.lock:
-                if victim.name:
+                if victim.named:
                     self._save(victim)
                 victim.session.close()
                 victim.session = None
@@ -134,7 +144,7 @@ class SessionPool:
 
     def _restore(self, conversation: Conversation) -> Session | None:
         path = self.path_of(conversation.name)
-        if not conversation.name or not path.exists():
+        if not conversation.named or not path.exists():
             return None
         try:
             session = Session.restore(path, self.model, context=self.shared, n_threads=self.config.n_threads)
@@ -176,6 +186,11 @@ class SessionPool:
             found = True
         return found
 
+    def anonymous(self) -> list[Conversation]:
+        """The conversations that serve unnamed requests."""
+        with self._guard:
+            return [c for c in self._conversations.values() if not c.named]
+
     def live_count(self) -> int:
         with self._guard:
             return sum(c.session is not None for c in self._conversations.values())
@@ -187,7 +202,7 @@ class SessionPool:
         for c in conversations:
             with c.lock:
                 if c.session is not None:
-                    if self.durable and c.name:
+                    if self.durable and c.named:
                         self._save(c)
                     c.session.close()
                     c.session = None

@@ -38,12 +38,12 @@ def chat_turn(pool: SessionPool, conversation: Conversation, request: ChatReques
     """The reply's text pieces; ``turn`` is filled in as it goes (complete once exhausted)."""
     session = conversation.session
     messages = list(request.messages)
-    known = session.messages if conversation.mode == "chat" else []
-    if known and _extends(messages, known):
-        new, turn.reused_messages = messages[len(known):], len(known)
+    held = reusable(conversation, request)
+    if held:
+        new, turn.reused_messages = messages[held:], held
     else:
         if session.tokens_seen:
-            turn.started_over = ("the request's history differs from the conversation's" if known
+            turn.started_over = ("the request's history differs from the conversation's" if session.in_chat
                                  else "the conversation held a completions stream")
             session = pool.start_over(conversation)
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
@@ -63,8 +63,8 @@ def completion_turn(pool: SessionPool, conversation: Conversation, request: Comp
     """As :func:`chat_turn`, for a plain text stream: a prompt that extends the stream's text feeds
     only what is new."""
     session, prompt = conversation.session, request.prompt
-    held = conversation.text_length if conversation.mode == "text" else 0
-    if held and len(prompt) >= held and text_digest(prompt[:held]) == conversation.text_digest:
+    held = reusable(conversation, request)
+    if held:
         new = prompt[held:]
     else:
         if session.tokens_seen:
@@ -81,6 +81,20 @@ def completion_turn(pool: SessionPool, conversation: Conversation, request: Comp
             yield piece
     text = prompt + "".join(pieces)
     conversation.text_digest, conversation.text_length = text_digest(text), len(text)
+
+
+def reusable(conversation: Conversation, request) -> int:
+    """How much of ``request`` the conversation holds already: messages of a chat, characters of a
+    prompt; 0 when it holds none of it (or another kind of stream, or is not live)."""
+    session = conversation.session
+    if session is None:
+        return 0
+    if isinstance(request, ChatRequest):
+        known = session.messages if conversation.mode == "chat" else []
+        return len(known) if known and _extends(list(request.messages), known) else 0
+    held = conversation.text_length if conversation.mode == "text" else 0
+    prompt = request.prompt
+    return held if held and len(prompt) >= held and text_digest(prompt[:held]) == conversation.text_digest else 0
 
 
 def _extends(messages: list[dict], known: list[dict]) -> bool:

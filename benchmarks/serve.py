@@ -1,0 +1,214 @@
+"""`edgesink serve` under load: endless sessions side by side, and a 200-turn chat with a resending client.
+
+1. concurrency: 1, 4 and 8 named sessions, each first fed past its window (n_ctx 2048), then all
+   streaming a reply at once through the HTTP API. Aggregate tokens/s (all replies' tokens over
+   the wall time) and each session's median time between tokens. Beside it, in the same run, the
+   same sessions without the server: decoded together in one shared context, and one after the
+   other in contexts of their own (what a server without batching does).
+2. long chat: a client that re-sends its whole history, as OpenAI clients do, for 200 turns.
+   Tokens fed and seconds per turn must stay flat while the history grows.
+
+    .venv/bin/python benchmarks/serve.py --json benchmarks/results/serve.json
+
+The server runs in this process (uvicorn in a thread) and is reached on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import sys
+import threading
+import time
+
+import uvicorn
+
+import edgesink
+from edgesink import Session, SessionConfig, SharedContext
+from edgesink.bench.machine import publish
+from edgesink.corpus import austen_text
+from edgesink.serve import EVICT_CHUNK, ServeLimits, Server, SessionPool, create_app
+
+
+def progress(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def start_server(model, config, slots: int, port: int, sessions_dir):
+    pool = SessionPool(model, config, slots=slots, sessions_dir=sessions_dir)
+    server = uvicorn.Server(uvicorn.Config(create_app(Server(pool, ["bench"], api_key=None, limits=ServeLimits())),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join()
+        pool.close()
+    return stop
+
+
+def chat(port: int, session: str, messages: list[dict], max_tokens: int, seed: int = 1) -> dict:
+    """One streamed chat request: its text, the times its pieces arrived, its usage."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = {"model": "bench", "messages": messages, "max_tokens": max_tokens, "stream": True, "seed": seed,
+            "temperature": 0.8, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                       headers={"content-type": "application/json", "x-edgesink-session": session})
+    response = connection.getresponse()
+    assert response.status == 200, response.read()
+    pieces, times, usage = [], [], None
+    for line in response:
+        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        if event.get("usage"):
+            usage = event["usage"]
+        for choice in event.get("choices", []):
+            if choice["delta"].get("content"):
+                pieces.append(choice["delta"]["content"])
+                times.append(time.perf_counter())
+    connection.close()
+    return {"text": "".join(pieces), "start": start, "times": times, "end": time.perf_counter(), "usage": usage}
+
+
+def prose_message(model, n_tokens: int, offset: int) -> str:
+    """About ``n_tokens`` tokens of prose, different for each offset."""
+    text = austen_text()[offset * 20000:]
+    return model.detokenize(model.tokenize(text[: n_tokens * 6])[:n_tokens])
+
+
+def concurrency_over_api(model, config, port, counts, reply_tokens):
+    results = {}
+    stop = start_server(model, config, max(counts), port, None)  # no --sessions: nothing saved per request
+    try:
+        for n in counts:
+            progress(f"over the API: {n} sessions")
+            histories = [[{"role": "user", "content": prose_message(model, config.n_ctx + 100, i)}] for i in range(n)]
+            _together(lambda i: chat(port, f"c{n}-{i}", histories[i], 1), n)  # every session past its window
+            for i in range(n):
+                histories[i] += [{"role": "assistant", "content": "."}, {"role": "user", "content": "Go on."}]
+            replies = _together(lambda i: chat(port, f"c{n}-{i}", histories[i], reply_tokens), n)
+            results[n] = _rates(replies)
+    finally:
+        stop()
+    return results
+
+
+def _rates(replies) -> dict:
+    tokens = sum(r["usage"]["completion_tokens"] for r in replies)
+    # From the first token to the last: the generation itself (the new turns are a few tokens each).
+    wall = max(r["times"][-1] for r in replies) - min(r["times"][0] for r in replies)
+    gaps = [statistics.median(b - a for a, b in zip(r["times"], r["times"][1:])) for r in replies if len(r["times"]) > 2]
+    return {"sessions": len(replies), "tokens": tokens, "seconds": round(wall, 2),
+            "aggregate_tokens_per_s": round(tokens / wall, 1),
+            "median_ms_between_tokens": round(1000 * statistics.median(gaps), 1) if gaps else None,
+            "worst_session_ms_between_tokens": round(1000 * max(gaps), 1) if gaps else None}
+
+
+def _together(work, n):
+    results = [None] * n
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, work(i))) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def engine_side_by_side(model, config, n: int, tokens: int) -> dict:
+    """The same n endless sessions decoded together (shared context) and one after the other (own contexts)."""
+    progress(f"engine side by side: {n} sessions")
+    texts = [prose_message(model, config.n_ctx + 100, i) for i in range(n)]
+    with SharedContext(model, config, slots=n) as shared:
+        sessions = [Session(model, config, context=shared) for _ in range(n)]
+        for s, text in zip(sessions, texts):
+            s.feed(text)
+
+        def generate(i):
+            with shared.busy():
+                return sum(1 for _ in sessions[i].stream_generate(tokens, seed=i + 1))
+        start = time.perf_counter()
+        produced = sum(_together(generate, n))
+        together = produced / (time.perf_counter() - start)
+        for s in sessions:
+            s.close()
+    sessions = [Session(model, config) for _ in range(n)]
+    for s, text in zip(sessions, texts):
+        s.feed(text)
+    streams = [s.stream_generate(tokens, seed=i + 1) for i, s in enumerate(sessions)]
+    start, produced = time.perf_counter(), 0
+    for _ in range(tokens):
+        for stream in streams:
+            produced += next(stream, None) is not None
+    apart = produced / (time.perf_counter() - start)
+    for s in sessions:
+        s.close()
+    return {"sessions": n, "together_tokens_per_s": round(together, 1), "one_after_another_tokens_per_s": round(apart, 1)}
+
+
+def long_chat(model, config, port, sessions_dir, turns: int, reply_tokens: int) -> dict:
+    stop = start_server(model, config, 2, port, sessions_dir)
+    history = [{"role": "system", "content": "You are a friendly assistant who answers briefly."}]
+    fed, seconds, evicted = [], [], []
+    try:
+        for turn in range(turns):
+            if turn % 20 == 0:
+                progress(f"long chat: turn {turn}")
+            history.append({"role": "user", "content": f"Tell me one thing about the number {turn}."})
+            reply = chat(port, "long", history, reply_tokens, seed=turn)
+            history.append({"role": "assistant", "content": reply["text"]})
+            fed.append(reply["usage"]["prompt_tokens"])
+            seconds.append(reply["end"] - reply["start"])
+            evicted.append(reply["usage"]["evicted_tokens"])
+    finally:
+        stop()
+    # Until the cache is full a turn costs more as it fills (attention, the snapshot); after, it must not.
+    full = next(i for i, n in enumerate(evicted) if n)
+    span = min(20, (turns - full) // 2)
+    return {"turns": turns, "history_characters_at_end": sum(len(m["content"]) for m in history),
+            "evicted_tokens": sum(evicted), "first_turn_with_eviction": full,
+            "fed_tokens_first_turns_after_full": round(statistics.mean(fed[full:full + span]), 1),
+            "fed_tokens_last_turns": round(statistics.mean(fed[-span:]), 1),
+            "fed_tokens_max_after_first": max(fed[1:]),
+            "seconds_first_turns_after_full": round(statistics.mean(seconds[full:full + span]), 3),
+            "seconds_last_turns": round(statistics.mean(seconds[-span:]), 3),
+            "turns_averaged": span,
+            "fed_tokens_per_turn": fed, "seconds_per_turn": [round(s, 3) for s in seconds]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--n-ctx", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--reply-tokens", type=int, default=48)
+    parser.add_argument("--turns", type=int, default=200)
+    parser.add_argument("--port", type=int, default=8471)
+    parser.add_argument("--sessions-dir", default="/tmp/edgesink-bench-sessions",
+                        help="The long chat's --sessions folder (saved after every turn, as a durable server does).")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    model = edgesink.load(args.model)
+    # As `edgesink serve` configures its sessions.
+    config = SessionConfig.of(n_ctx=args.n_ctx, shift_mode="window-back", n_threads=args.threads,
+                              evict_chunk=EVICT_CHUNK)
+    given = {k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in vars(args).items()}
+    report = {"command": "benchmarks/serve.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items()
+                                                           if v is not None and k != "json"),
+              "model": model.path.name, "n_ctx": args.n_ctx, "threads": args.threads}
+    report["over_the_api"] = concurrency_over_api(model, config, args.port, args.sessions, args.reply_tokens)
+    report["engine_side_by_side"] = [engine_side_by_side(model, config, n, args.reply_tokens) for n in args.sessions]
+    progress("long chat")
+    report["long_chat"] = long_chat(model, config, args.port + 1, args.sessions_dir, args.turns, 32)
+    publish(report, args.json)
+
+
+if __name__ == "__main__":
+    main()
