@@ -89,15 +89,27 @@ def concurrency_over_api(model, config, port, counts, reply_tokens):
     try:
         for n in counts:
             progress(f"over the API: {n} sessions")
-            histories = [[{"role": "user", "content": prose_message(model, config.n_ctx + 100, i)}] for i in range(n)]
-            _together(lambda i: chat(port, f"c{n}-{i}", histories[i], 1), n)  # every session past its window
-            for i in range(n):
-                histories[i] += [{"role": "assistant", "content": "."}, {"role": "user", "content": "Go on."}]
+            histories = [filling_history(model, config.n_ctx, i) for i in range(n)]
+            fills = _together(lambda i: chat(port, f"c{n}-{i}", histories[i], 1), n)  # every session past its window
+            for history, fill in zip(histories, fills):
+                history += [{"role": "assistant", "content": fill["text"]}, {"role": "user", "content": "Go on."}]
             replies = _together(lambda i: chat(port, f"c{n}-{i}", histories[i], reply_tokens), n)
-            results[n] = _rates(replies)
+            results[n] = {**_rates(replies), "evicted_while_filling": [f["usage"]["evicted_tokens"] for f in fills],
+                          "cached_tokens_after": [r["usage"]["cached_tokens"] for r in replies],
+                          "fed_tokens": [r["usage"]["prompt_tokens"] for r in replies]}
     finally:
         stop()
     return results
+
+
+def filling_history(model, n_ctx: int, offset: int) -> list[dict]:
+    """A conversation of short turns longer than the cache: replayed, it leaves the cache full of whole turns."""
+    prose = prose_message(model, n_ctx + 300, offset).split(". ")
+    history, size = [], len(prose) // 40 + 1
+    for k in range(0, len(prose), size):
+        history += [{"role": "user", "content": ". ".join(prose[k:k + size]) + "."},
+                    {"role": "assistant", "content": "Yes."}]
+    return history[:-1]
 
 
 def _rates(replies) -> dict:
@@ -169,7 +181,9 @@ def long_chat(model, config, port, sessions_dir, turns: int, reply_tokens: int) 
     finally:
         stop()
     # Until the cache is full a turn costs more as it fills (attention, the snapshot); after, it must not.
-    full = next(i for i, n in enumerate(evicted) if n)
+    full = next((i for i, n in enumerate(evicted) if n), None)
+    if full is None or turns - full < 4:
+        raise SystemExit(f"the chat filled its cache only at turn {full} of {turns}: give more --turns")
     span = min(20, (turns - full) // 2)
     return {"turns": turns, "history_characters_at_end": sum(len(m["content"]) for m in history),
             "evicted_tokens": sum(evicted), "first_turn_with_eviction": full,

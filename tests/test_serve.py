@@ -221,6 +221,7 @@ def test_named_sessions_survive_kill_9_and_a_restart(model_path, tmp_path):
         ask(client, model_id, "ada", history, text, max_tokens=12)
     seen = first.request("GET", "/v1/sessions/ada")[1]["tokens_seen"]
     first.kill()
+    (sessions / "bob.session").write_bytes(b"not a session file")
 
     second = ServeProcess(model_path, *args, log_path=tmp_path / "second.log").start()
     client = openai.OpenAI(base_url=second.base_url, api_key="unused", timeout=300, max_retries=0)
@@ -229,6 +230,9 @@ def test_named_sessions_survive_kill_9_and_a_restart(model_path, tmp_path):
     assert reply.model_extra["edgesink"] == {"session": "ada", "reused_messages": 5, "started_over": None}
     info = second.request("GET", "/v1/sessions/ada")[1]
     assert info["tokens_seen"] == seen + reply.usage.total_tokens  # the stream went on where it was
+    status, reply, _ = second.request("POST", "/v1/chat/completions", {
+        "model": model_id, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 4}, {"X-Edgesink-Session": "bob"})
+    assert status == 200 and reply["edgesink"]["started_over"].startswith("its saved session could not be restored")
     assert second.request("DELETE", "/v1/sessions/ada")[0] == 200
     assert not (sessions / "ada.session").exists()
     assert second.stop() == 0

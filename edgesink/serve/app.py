@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import EdgesinkError, SessionFileError
+from ..errors import ContextFullError, EdgesinkError, TemplateRenderError
 from .pool import ANONYMOUS_PREFIX, SessionPool
 from .requests import SESSION_HEADER, SESSION_NAME, ApiError, chat_request, completion_request, parse_json
 from .turns import Turn, chat_turn, completion_turn, reusable
@@ -175,21 +175,15 @@ class Server:
             loop.call_soon_threadsafe(run.queue.put_nowait, item)
 
         def work() -> None:
-            with conversation.lock:
-                try:
-                    self.pool.hold(conversation)
-                    try:
-                        with self.pool.shared.busy():  # decodes wait for this thread's, to batch with it
-                            for piece in turn_fn(self.pool, conversation, parsed, run.turn, run.stop.is_set):
-                                emit(("piece", piece))
-                    finally:
-                        self.pool.release(conversation)
-                    emit(("done", None))
-                except Exception as error:  # to the client as an error; the session stays consistent
-                    emit(("error", error))
+            try:
+                with self.pool.using(conversation), self.pool.shared.busy():  # busy: decodes wait to batch with ours
+                    for piece in turn_fn(self.pool, conversation, parsed, run.turn, run.stop.is_set):
+                        emit(("piece", piece))
+            except Exception as error:  # to the client as an error; the session stays consistent
+                emit(("error", error))
 
         self.running += 1
-        loop.run_in_executor(self.executor, work).add_done_callback(lambda _: self._finished(lock))
+        loop.run_in_executor(self.executor, work).add_done_callback(lambda _: self._finished(lock, run))
         return run
 
     async def _whole(self, run: "_Run", reply: "_Reply"):
@@ -228,11 +222,15 @@ class Server:
             return f"{ANONYMOUS_PREFIX}{self.anonymous_made}"
         return min(idle or anonymous, key=lambda c: c.last_used).name
 
-    def _finished(self, lock: asyncio.Lock) -> None:
-        """A request's worker is done: its conversation and its slot are free (runs in the event loop)."""
+    def _finished(self, lock: asyncio.Lock, run: "_Run") -> None:
+        """A request's worker is done: its conversation and its slot are free (runs in the event loop).
+
+        "done" is queued only now, so a client that sends its next turn the moment it has its reply
+        finds its conversation idle, ready to be continued."""
         self.running -= 1
         lock.release()
         self.engine.release()
+        run.queue.put_nowait(("done", None))
 
     async def _events(self, item, run: "_Run", reply: "_Reply"):
         """Server-sent events: a chunk per text piece, a last one with the finish reason, then [DONE]."""
@@ -316,10 +314,12 @@ def _session_name(request: Request) -> str:
 
 
 def _as_api_error(error: Exception) -> ApiError:
+    """What a client is told of an error its request met: 400 for what its input caused."""
     if isinstance(error, ApiError):
         return error
-    if isinstance(error, (SessionFileError, EdgesinkError)) and isinstance(error, ValueError):
-        return ApiError(400, str(error))
+    if isinstance(error, (ValueError, TemplateRenderError, ContextFullError)):
+        # A system prompt too long, a message the template refuses, a dense cache full, a bad value...
+        return ApiError(400, f"{type(error).__name__}: {error}")
     if isinstance(error, EdgesinkError):
         return ApiError(500, f"{type(error).__name__}: {error}", kind="server_error")
     return ApiError(500, f"internal error: {type(error).__name__}: {error}", kind="server_error")

@@ -13,8 +13,10 @@ import hashlib
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from ..contexts import SharedContext
 from ..errors import SessionFileError
@@ -26,7 +28,7 @@ ANONYMOUS_PREFIX = "~"  # client names cannot begin with it
 
 @dataclass
 class Conversation:
-    """One named conversation (or the unnamed one) and what the server knows of it."""
+    """One conversation (named by a client, or anonymous) and what the server knows of it."""
 
     name: str
     session: Session | None = None  # None: not live (on disk, or never started)
@@ -34,7 +36,8 @@ class Conversation:
                                     # (kept in memory only: a restored text stream starts its next prompt afresh)
     text_length: int = 0
     last_used: float = 0.0
-    running: bool = False  # a request works on it now: it must not be snapshotted
+    users: int = 0  # requests (and a slot's eviction) using it now: it is not evicted meanwhile
+    lost: str | None = None  # why its snapshot could not be restored, until a request reports it
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -80,27 +83,29 @@ class SessionPool:
         with self._guard:
             return self._conversations.setdefault(name, Conversation(name))
 
-    def hold(self, conversation: Conversation) -> Session:
-        """Make the conversation live (restoring or starting its session) for a request; call
-        :meth:`release` after. The caller holds ``conversation.lock``."""
-        with self._guard:
-            conversation.running = True
-            conversation.last_used = time.monotonic()
-        if conversation.session is None:
-            with self._claiming:
-                self._make_room()
-                conversation.session = self._restore(conversation) or self._new_session()
-        return conversation.session
-
-    def release(self, conversation: Conversation) -> None:
-        """End a request: a named session is saved (durable folder), then may be freed for another."""
+    @contextmanager
+    def using(self, conversation: Conversation) -> Iterator[Session]:
+        """Hold a conversation for one request: live (restored or started), locked, and with a durable
+        folder saved afterwards."""
+        self._count_user(conversation, +1)  # before waiting for its lock: no eviction picks it meanwhile
         try:
-            if self.durable and conversation.named and conversation.session is not None:
-                self._save(conversation)
+            with conversation.lock:
+                if conversation.session is None:
+                    with self._claiming:
+                        self._make_room()
+                        conversation.session = self._restore(conversation) or self._new_session()
+                try:
+                    yield conversation.session
+                finally:
+                    if self.durable and conversation.named and conversation.session is not None:
+                        self._save(conversation)
         finally:
-            with self._guard:
-                conversation.running = False
-                conversation.last_used = time.monotonic()
+            self._count_user(conversation, -1)
+
+    def _count_user(self, conversation: Conversation, change: int) -> None:
+        with self._guard:
+            conversation.users += change
+            conversation.last_used = time.monotonic()
 
     def start_over(self, conversation: Conversation) -> Session:
         """Forget the conversation's stream: a fresh session in its slot."""
@@ -113,25 +118,41 @@ class SessionPool:
     def _new_session(self) -> Session:
         return Session(self.model, self.config, context=self.shared)
 
-    def _make_room(self) -> None:
+    def _make_room(self, patience: float = 60.0) -> None:
         """Free a slot if none is free: snapshot the least recently used idle live session."""
-        if self.shared.free_slots:
-            return
+        deadline = time.monotonic() + patience
+        while not self.shared.free_slots:
+            victim = self._idle_victim()
+            if victim is not None:
+                self._free(victim)
+            elif time.monotonic() > deadline:  # requests are at most the slots: this means a bug
+                raise RuntimeError("no live session became idle to free a slot")
+            else:
+                time.sleep(0.01)  # every live session is in use this instant
+
+    def _idle_victim(self) -> Conversation | None:
         with self._guard:
-            idle = [c for c in self._conversations.values() if c.session is not None and not c.running]
+            idle = [c for c in self._conversations.values() if c.session is not None and not c.users]
             victim = min(idle, key=lambda c: c.last_used, default=None)
-            if victim is None:  # cannot happen: requests running are at most the slots
-                raise RuntimeError("every slot is in use by a running request")
-            victim.running = True  # nobody else takes it meanwhile
+            if victim is not None:
+                victim.users += 1
+            return victim
+
+    def _free(self, victim: Conversation) -> None:
+        # Never wait for its lock while holding _claiming: whoever holds it may need _claiming too.
         try:
-            with victim.lock:
-                if victim.named:
-                    self._save(victim)
-                victim.session.close()
-                victim.session = None
+            if victim.lock.acquire(blocking=False):
+                try:
+                    if victim.session is not None:
+                        if victim.named:
+                            self._save(victim)
+                        victim.session.close()
+                        victim.session = None
+                finally:
+                    victim.lock.release()
         finally:
             with self._guard:
-                victim.running = False
+                victim.users -= 1
 
     # -- snapshots ----------------------------------------------------------------------------
 
@@ -147,10 +168,10 @@ class SessionPool:
         if not conversation.named or not path.exists():
             return None
         try:
-            session = Session.restore(path, self.model, context=self.shared, n_threads=self.config.n_threads)
-        except SessionFileError:
-            return None  # unreadable or of other settings: the conversation starts over (the reply says so)
-        return session
+            return Session.restore(path, self.model, context=self.shared, n_threads=self.config.n_threads)
+        except SessionFileError as error:  # unreadable, or of other settings: the conversation starts over
+            conversation.lost = f"its saved session could not be restored ({error})"
+            return None
 
     def describe(self, name: str) -> dict | None:
         """What a conversation holds (None: unknown here and not on disk); its caller holds no lock

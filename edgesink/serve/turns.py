@@ -1,5 +1,5 @@
 """One request's work on its conversation: recognise what the cache already holds, feed the rest,
-generate. Runs in a worker thread (it calls llama.cpp), between ``SessionPool.hold`` and ``release``.
+generate. Runs in a worker thread (it calls llama.cpp), inside ``SessionPool.using``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def chat_turn(pool: SessionPool, conversation: Conversation, request: ChatReques
     """The reply's text pieces; ``turn`` is filled in as it goes (complete once exhausted)."""
     session = conversation.session
     messages = list(request.messages)
+    turn.started_over, conversation.lost = conversation.lost, None
     held = reusable(conversation, request)
     if held:
         new, turn.reused_messages = messages[held:], held
@@ -63,6 +64,7 @@ def completion_turn(pool: SessionPool, conversation: Conversation, request: Comp
     """As :func:`chat_turn`, for a plain text stream: a prompt that extends the stream's text feeds
     only what is new."""
     session, prompt = conversation.session, request.prompt
+    turn.started_over, conversation.lost = conversation.lost, None
     held = reusable(conversation, request)
     if held:
         new = prompt[held:]
