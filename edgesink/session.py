@@ -113,6 +113,9 @@ class Session:
             ``"kept-forward"`` or ``"window-back"``; see :mod:`edgesink.kvcache`.
         refresh_every: re-encode the kept tokens after this many shifts (kept-forward mode).
         rebase_every: move positions back after this many evicted tokens (default n_ctx).
+        context: a :class:`~edgesink.contexts.SharedContext` to live in (one of its sequences),
+            decoding together with the other sessions there; None (default): a context of its own.
+            Shared sessions move the window back when they evict (see :mod:`edgesink.contexts`).
 
     Threads may share a session: a lock lets one call at a time work on its context. Each
     ``feed``, ``score``, ``reset``, ``start_chat``, ``stats``... runs whole, so two threads feeding

@@ -32,7 +32,7 @@ def ok(result):
 
 def test_help_of_every_command_reads_well():
     top = ok(run("--help")).output
-    for command in ("chat", "feed", "generate", "info", "models", "pull"):
+    for command in ("chat", "feed", "generate", "info", "models", "pull", "serve"):
         assert f"  {command} " in top
     assert "owner/repo:QUANT" in top and "Examples:" in top
     for name, command in main.commands.items():

@@ -251,10 +251,10 @@ def test_limits_key_queue_and_body(model_path, tmp_path):
     body = {"model": model_id, "messages": [{"role": "user", "content": "x" * 5000}]}
     assert server.request("POST", "/v1/chat/completions", body, key)[0] == 413
 
-    # A long stream holds the only slot.
+    # A long stream holds the only slot: greedy, the model counts on and on (1,500 tokens measured, ~20 s).
     long = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-    long.request("POST", "/v1/chat/completions", body=json.dumps({
-        "model": model_id, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 4000,
+    long.request("POST", "/v1/completions", body=json.dumps({
+        "model": model_id, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "max_tokens": 4000, "temperature": 0,
         "stream": True}), headers={"content-type": "application/json", **key})
     assert long.getresponse().status == 200
     waiting = {}

@@ -262,6 +262,7 @@ def main():
       edgesink chat Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M --system "Answer briefly."
       edgesink generate -p "Once upon a time" --max-tokens -1
       edgesink feed book.txt --then "In summary," --save book.state
+      edgesink serve --sessions ~/.edgesink-sessions     # OpenAI-compatible, on 127.0.0.1:8080
     """
 
 
@@ -488,7 +489,7 @@ otherwise (a chat evicts whole turns anyway).
 @session_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0 exposes the server to the network).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on.")
 @click.option("--api-key", envvar="EDGESINK_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' (or set EDGESINK_API_KEY).")
 @click.option("--sessions", "sessions_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
