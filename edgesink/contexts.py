@@ -91,7 +91,9 @@ class _Batch:
 
 
 def _output_rows(ctx, indices, n_vocab: int) -> np.ndarray:
-    """Copies of the logits of the batch positions ``indices`` of the last decode, shape (len, n_vocab)."""
+    """Copies of the logits of the batch positions ``indices`` of the last decode, shape (len, n_vocab).
+
+    By position: llama.cpp may split a batch of several streams and order its outputs otherwise."""
     rows = np.empty((len(indices), n_vocab), dtype=np.float32)
     for k, i in enumerate(indices):
         rows[k] = np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, int(i)), shape=(n_vocab,))
@@ -126,7 +128,9 @@ class OwnContext:
         rc = C.llama_decode(self.ctx, self._batch.batch)
         if rc != 0:
             raise _decode_error(rc, n, pos0)
-        return _output_rows(self.ctx, np.flatnonzero(want_logits), self.model.n_vocab)
+        # One stream, one batch: llama.cpp keeps the outputs contiguous and in batch order, one copy takes them.
+        n_out = int(np.count_nonzero(want_logits))
+        return np.ctypeslib.as_array(C.llama_get_logits(self.ctx), shape=(n_out, self.model.n_vocab)).copy()
 
     def clear(self) -> None:
         """Empty the whole memory (also sends llama.cpp's search for free cells back to cell 0)."""
@@ -148,7 +152,7 @@ class OwnContext:
             self.ctx = None
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the leader takes requests out of the pending list
 class _Request:
     seq: int
     tokens: list
@@ -382,12 +386,13 @@ class SharedSlot:
         return _one_stream(state, self.seq, self.owner.slots)
 
     def state_set(self, payload: bytearray) -> int:
-        """Put a one-stream sequence state (:meth:`state_get`, or a lone session's) into this sequence."""
+        """Put a one-stream sequence state (:meth:`state_get`, or a lone session's) into this sequence;
+        how many bytes of ``payload`` llama.cpp read (0: refused), as :meth:`OwnContext.state_set`."""
         full = _all_streams(payload, self.seq, self.owner.slots)
         with self.lock:
             C.llama_memory_seq_rm(self.mem, self.seq, -1, -1)
             n_read = C.llama_state_seq_set_data(self.ctx, _uint8_view(full), len(full), self.seq)
-        return len(payload) if n_read == len(full) else min(n_read, len(payload) - 1)
+        return max(0, n_read - (len(full) - len(payload)))  # of the bytes given: the padding added is not theirs
 
     def close(self) -> None:
         if self.seq is not None:
