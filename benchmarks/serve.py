@@ -29,7 +29,8 @@ import edgesink
 from edgesink import Session, SessionConfig, SharedContext
 from edgesink.bench.machine import publish
 from edgesink.corpus import austen_text
-from edgesink.serve import EVICT_CHUNK, ServeLimits, Server, SessionPool, create_app
+from edgesink.serve import EVICT_CHUNK, Access, ServeLimits, Server, SessionPool, create_app
+from edgesink.serve.guard import RequestGuard
 
 
 def progress(text: str) -> None:
@@ -38,7 +39,8 @@ def progress(text: str) -> None:
 
 def start_server(model, config, slots: int, port: int, sessions_dir):
     pool = SessionPool(model, config, slots=slots, sessions_dir=sessions_dir)
-    server = uvicorn.Server(uvicorn.Config(create_app(Server(pool, ["bench"], api_key=None, limits=ServeLimits())),
+    server = uvicorn.Server(uvicorn.Config(RequestGuard(create_app(Server(pool, ["bench"], access=Access(), limits=ServeLimits())),
+                                                        bind="127.0.0.1"),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -9,6 +9,7 @@
 """
 
 from .errors import (
+    Cancelled,
     ClosedError,
     ContextCreationError,
     ContextFullError,
@@ -37,7 +38,7 @@ from .session import GenerationChunk, Session, SessionStats
 from .version import __version__
 
 __all__ = [
-    "ClosedError", "ContextCreationError", "ContextFullError", "ContextPolicy", "CorpusError", "DecodeError", "Dense", "EdgesinkError", "GenerationChunk",
+    "Cancelled", "ClosedError", "ContextCreationError", "ContextFullError", "ContextPolicy", "CorpusError", "DecodeError", "Dense", "EdgesinkError", "GenerationChunk",
     "Halve", "Model", "ModelLoadError", "ModelNotFoundError", "NoFreeSlotError", "POLICY_NAMES", "Recompute",
     "SamplingParams", "Session", "SessionConfig", "SessionFileError", "SessionSaveError", "SessionStats", "SettingsError", "SharedContext", "Sink",
     "SystemPromptTooLongError", "TemplateRenderError", "TemplateRewriteError", "TextTooLongError", "UnsupportedModelError", "Window",

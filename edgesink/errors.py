@@ -67,3 +67,9 @@ class SessionSaveError(EdgesinkError, OSError):
 
 class NoFreeSlotError(EdgesinkError, RuntimeError):
     """Every sequence of a shared context holds a session already."""
+
+
+class Cancelled(EdgesinkError):
+    """Feeding stopped because the caller's stop check said so (see ``Session.cancel_when``).
+
+    The stream holds the batches fed before the check fired, each one whole."""

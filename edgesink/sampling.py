@@ -5,13 +5,18 @@ from __future__ import annotations
 import ctypes
 import math
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ._native import C
 from .errors import SettingsError
 
+if TYPE_CHECKING:
+    from .model import Model
+
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed each time
+GRAMMAR_ROOT = "root"  # the GBNF rule a grammar setting starts from
 # struct llama_token_data { llama_token id; float logit; float p; }
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 
@@ -20,7 +25,10 @@ _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 class SamplingParams:
     """How the next token is drawn. ``temperature=0`` (or ``top_k=1``) gives greedy decoding.
 
-    Every value is checked here, once: wrong types and ranges are a :class:`SettingsError`.
+    ``grammar`` is GBNF text (llama.cpp's grammar format, starting at the rule ``root``) that the
+    output must follow; generation ends once the grammar is complete. Every value is checked here,
+    once: wrong types and ranges are a :class:`SettingsError` (a grammar llama.cpp cannot parse is
+    one too, when a :class:`Sampler` is built from it).
     """
 
     temperature: float = 0.8
@@ -30,6 +38,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int | None = None
+    grammar: str | None = None
 
     def __post_init__(self):
         for f in fields(self):
@@ -48,6 +57,9 @@ class SamplingParams:
             raise SettingsError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
         if self.seed is not None and not 0 <= self.seed < 2**32:
             raise SettingsError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.grammar is not None and (not self.grammar.strip() or "\0" in self.grammar):
+            # C reads the text up to its first NUL: a grammar with one would be cut short silently.
+            raise SettingsError("grammar must be non-empty GBNF text without NUL characters (or None for none)")
 
     @classmethod
     def of(cls, **settings) -> "SamplingParams":
@@ -60,24 +72,54 @@ class SamplingParams:
 
 
 def _check_type(name: str, value, annotation: str) -> None:
-    """Integers where the field is an int (never a bool), finite numbers where it is a float."""
+    """Integers where the field is an int (never a bool), finite numbers where it is a float, text where a str."""
     if value is None and "None" in annotation:
         return
-    if annotation.startswith("int"):
+    if annotation.startswith("str"):
+        if not isinstance(value, str):
+            raise SettingsError(f"{name} must be a string, got {value!r}")
+    elif annotation.startswith("int"):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise SettingsError(f"{name} must be an integer, got {value!r}")
     elif isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
         raise SettingsError(f"{name} must be a finite number, got {value!r}")
 
 
-class Sampler:
-    """A llama.cpp sampler chain; free it with :meth:`close` (or use ``with``)."""
+def _grammar_sampler(grammar: str, model: "Model"):
+    """A llama.cpp grammar sampler for GBNF text over ``model``'s vocabulary (not yet in a chain)."""
+    # LLAMA_API struct llama_sampler * llama_sampler_init_grammar(
+    #         const struct llama_vocab * vocab, const char * grammar_str, const char * grammar_root);
+    sampler = C.llama_sampler_init_grammar(C.llama_model_get_vocab(model.handle), grammar.encode(),
+                                           GRAMMAR_ROOT.encode())
+    if not sampler:  # llama.cpp logs the parse error and returns NULL
+        raise SettingsError(f"llama.cpp cannot parse the grammar (GBNF text starting at rule {GRAMMAR_ROOT!r}): "
+                            f"{grammar[:200]!r}")
+    return sampler
 
-    def __init__(self, params: SamplingParams):
+
+class Sampler:
+    """A llama.cpp sampler chain; free it with :meth:`close` (or use ``with``).
+
+    ``model`` supplies the vocabulary that a grammar is matched against and a repeat penalty is
+    sized for: it is needed only when ``params`` sets one of them, and must stay open while the
+    sampler is used.
+    """
+
+    def __init__(self, params: SamplingParams, model: "Model | None" = None):
+        penalized = params.repeat_penalty != 1.0 and params.repeat_last_n > 0
+        if model is None and (penalized or params.grammar is not None):
+            raise ValueError("a Sampler with a grammar or a repeat penalty needs the model (for its vocabulary)")
+        grammar = None if params.grammar is None else _grammar_sampler(params.grammar, model)
+        self._constrained = grammar is not None
         self._chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
-        add = lambda s: C.llama_sampler_chain_add(self._chain, s)  # noqa: E731
-        if params.repeat_penalty != 1.0 and params.repeat_last_n:
-            add(C.llama_sampler_init_penalties(params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+        add = lambda s: C.llama_sampler_chain_add(self._chain, s)  # noqa: E731  (the chain then owns s)
+        if grammar is not None:
+            # First: the samplers after it then choose only among the tokens the grammar allows.
+            add(grammar)
+        if penalized:
+            # LLAMA_API struct llama_sampler * llama_sampler_init_penalties(int32_t n_vocab,
+            #         int32_t penalty_last_n, float penalty_repeat, float penalty_freq, float penalty_present);
+            add(C.llama_sampler_init_penalties(model.n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
         if params.temperature == 0:
             # Greedy, as in llama.cpp's common sampler: the filters below never drop the likeliest
             # token, so they cannot change the argmax, and the seed does not matter.
@@ -91,7 +133,10 @@ class Sampler:
         add(C.llama_sampler_init_dist(DEFAULT_SEED if params.seed is None else params.seed))
 
     def sample(self, ctx) -> int:
-        """Draw a token from the logits of the last token decoded in ``ctx`` (and accept it)."""
+        """Draw a token from the logits of the last token decoded in ``ctx`` (and accept it).
+
+        With a grammar, prefer :meth:`sample_logits`: where the grammar allows no token, llama.cpp
+        aborts here, while that raises :class:`SettingsError`."""
         return int(C.llama_sampler_sample(self._chain, ctx, -1))
 
     def sample_logits(self, logits: np.ndarray) -> int:
@@ -104,7 +149,11 @@ class Sampler:
         array = C.llama_token_data_array(data=data.ctypes.data_as(C.llama_token_data_p), size=n,
                                          selected=-1, sorted=False)
         C.llama_sampler_apply(self._chain, ctypes.byref(array))
-        token = int(array.data[array.selected].id)  # the samplers may point data elsewhere
+        chosen = array.data[array.selected]  # the samplers may point data elsewhere
+        if self._constrained and chosen.logit == -math.inf:
+            # The grammar ruled out every token; accepting one it rejects would abort the process.
+            raise SettingsError("the grammar allows no token of this model's vocabulary here")
+        token = int(chosen.id)
         C.llama_sampler_accept(self._chain, token)
         return token
 

@@ -11,17 +11,17 @@ import operator
 import os
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import wraps
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
 from ._native import C
 from .contexts import OwnContext, SharedContext, context_params
 from .chat import Chat, saved_chat_problem
-from .errors import ClosedError, SessionFileError, SettingsError, UnsupportedModelError
+from .errors import Cancelled, ClosedError, SessionFileError, SettingsError, UnsupportedModelError
 from .kvcache import StreamCache, deferred_interrupt
 from .layout import is_json_int, state_problem
 from .config import SessionConfig
@@ -161,6 +161,7 @@ class Session:
         self._feed_rate = Rate()
         self._gen_rate = Rate()
         self._chat = None
+        self._stop_check: Callable[[], bool] | None = None
 
     # -- construction helpers ------------------------------------------------------------------
 
@@ -351,6 +352,22 @@ class Session:
 
     # -- feeding -------------------------------------------------------------------------------
 
+    @contextmanager
+    def cancel_when(self, stopped: Callable[[], bool]) -> Iterator[None]:
+        """Within this block, feeding checks ``stopped()`` before each batch and raises
+        :class:`Cancelled` once it is true, so a long prompt can be abandoned within one batch
+        (a server's client went away). The stream keeps the batches fed before that, each whole."""
+        previous, self._stop_check = self._stop_check, stopped
+        try:
+            yield
+        finally:
+            self._stop_check = previous
+
+    def _check_cancelled(self) -> None:
+        if self._stop_check is not None and self._stop_check():
+            raise Cancelled("feeding was cancelled (the caller's stop check fired); "
+                            f"the stream holds the {self._tokens_seen} tokens fed before it")
+
     @_exclusive
     def feed(self, text: "str | bytes") -> int:
         """Push text into the stream; returns the number of tokens consumed.
@@ -441,6 +458,7 @@ class Session:
             self.policy.evictions(self.n_ctx, cache.n_kept, cache.n_window, len(tokens))
         for start in range(0, len(tokens), self.batch_size):
             batch = tokens[start:start + self.batch_size]
+            self._check_cancelled()
             if want is not None:
                 # Before evicting: a rebase or refresh during eviction overwrites the context's logits.
                 self._score_first(batch[0], want[start], nll, start)
@@ -466,6 +484,7 @@ class Session:
     def _ingest_recomputing(self, tokens, want, nll) -> None:
         cache = self.cache
         for i, token in enumerate(tokens):
+            self._check_cancelled()
             if want is not None:
                 self._score_first(token, want[i], nll, i)
             with deferred_interrupt():
@@ -518,7 +537,7 @@ class Session:
 
         ``max_tokens=None`` generates without end (the cache evicts as it goes). Sampling
         settings are those of :class:`SamplingParams` (temperature, top_k, top_p, min_p,
-        repeat_penalty, seed). Ends at an end-of-generation token, a stop string or max_tokens.
+        repeat_penalty, seed, grammar). Ends at an end-of-generation token, a stop string or max_tokens.
         Each token is one step under the session's lock (see :class:`Session` on threads).
         """
         if max_tokens is not None and (not_int(max_tokens) or max_tokens < 1):
@@ -528,7 +547,7 @@ class Session:
             raise ValueError("nothing to continue: feed a prompt first")
         utf8, stops = Utf8Stream(), StopMatcher(stop_strings(stop))
         n = 0
-        with Sampler(params) as sampler:
+        with Sampler(params, self.model) as sampler:
             while max_tokens is None or n < max_tokens:
                 token, piece = self._generate_one(sampler)
                 n += 1

@@ -54,14 +54,20 @@ class ServeProcess:
 
     def request(self, method: str, path: str, body=None, headers: dict | None = None,
                 timeout: float = 300) -> tuple[int, dict, dict]:
-        """(status, JSON body, headers) of one request; ``body`` a dict (sent as JSON) or bytes."""
+        """(status, JSON body (or {"text": ...}), headers in lower case) of one request; ``body`` a dict
+        (sent as JSON) or bytes."""
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             data = json.dumps(body).encode() if isinstance(body, dict) else body
-            connection.request(method, path, body=data, headers={"content-type": "application/json", **(headers or {})})
+            given = {k.lower(): v for k, v in (headers or {}).items()}
+            connection.request(method, path, body=data, headers={"content-type": "application/json", **given})
             response = connection.getresponse()
             raw = response.read()
-            return response.status, json.loads(raw) if raw else {}, dict(response.getheaders())
+            try:
+                answer = json.loads(raw) if raw else {}
+            except ValueError:  # a CORS preflight's plain "OK"
+                answer = {"text": raw.decode(errors="replace")}
+            return response.status, answer, {k.lower(): v for k, v in response.getheaders()}
         finally:
             connection.close()
 

@@ -116,26 +116,49 @@ def test_feed_progress_lines_in_a_pipe_do_not_run_together(monkeypatch):
     assert lines[-1] == ""
 
 
-def test_serve_options_reach_the_server(monkeypatch):
+def test_serve_options_reach_the_server(monkeypatch, tmp_path):
     import edgesink.serve
-    from edgesink.serve import ServeLimits
+    from edgesink.serve import Listening, ServeLimits
     calls = []
     monkeypatch.setattr(edgesink.serve, "run", lambda model, config, **kw: calls.append((model, config, kw)))
     monkeypatch.setenv("EDGESINK_API_KEY", "from-the-environment")
     ok(run("serve", "smollm2-135m", "--n-ctx", 512, "--threads", 1, "--port", 9000, "--slots", 3, "--max-queue", 5,
-           "--queue-timeout", 2, "--max-body", 4096, "--max-tokens", 100))
+           "--queue-timeout", 2, "--max-body", 4096, "--max-tokens", 100, "--max-prompt-tokens", 300,
+           "--max-messages", 7, "--body-timeout", 3, "--allow-host", "box.lan", "--cors-origin", "http://ui.lan:3000",
+           "--max-connections", 9, "--header-timeout", 4, "--shutdown-timeout", 6, "--sessions-max-bytes", 1000))
     ((model, config, options),) = calls
     assert model.path.name == "smollm2-135m"
     assert (config.n_ctx, config.n_threads, config.shift_mode) == (512, 1, "window-back")
     assert config.policy == Sink(sinks=4, evict_chunk=64)  # a window moved back once per 64 tokens, not per token
-    assert options["limits"] == ServeLimits(max_body_bytes=4096, max_queue=5, queue_timeout=2.0, max_tokens=100)
-    assert (options["host"], options["port"], options["slots"]) == ("127.0.0.1", 9000, 3)
-    assert options["api_key"] == "from-the-environment" and options["sessions_dir"] is None
+    assert options["limits"] == ServeLimits(max_body_bytes=4096, max_queue=5, queue_timeout=2.0, max_tokens=100,
+                                            max_prompt_tokens=300, max_messages=7, body_timeout=3.0)
+    assert options["listening"] == Listening(host="127.0.0.1", port=9000, allowed_hosts=("box.lan",),
+                                             cors_origins=("http://ui.lan:3000",), max_connections=9,
+                                             header_timeout=4.0, shutdown_timeout=6.0)
+    assert options["slots"] == 3 and options["sessions_max_bytes"] == 1000 and not options["session_from_user"]
+    assert options["access"].required and options["access"].namespace("Bearer from-the-environment")
+    assert options["sessions_dir"] is None
     assert options["model_ids"] == ["smollm2-135m"]
-    ok(run("serve", "models/x.gguf", "--api-key", "k", "-o", "evict_chunk=1"))
-    assert calls[-1][2]["model_ids"] == ["x"] and calls[-1][2]["api_key"] == "k"
+    keys = tmp_path / "keys"
+    keys.write_text("# the team's keys\nk1\n\nk2\n")
+    ok(run("serve", "models/x.gguf", "--api-key", "k", "--api-keys-file", keys, "-o", "evict_chunk=1",
+           "--session-from-user"))
+    access = calls[-1][2]["access"]
+    assert calls[-1][2]["model_ids"] == ["x"] and calls[-1][2]["session_from_user"]
+    assert len({access.namespace(f"bearer {k}") for k in ("k", "k1", "k2")}) == 3  # a namespace per key
     assert calls[-1][1].policy == Sink(sinks=4, evict_chunk=1)
     ok(run("serve", "--policy", "halve"))
+    keys.write_text("# nothing but a comment\n")
+    result = run("serve", "--api-keys-file", keys)
+    assert result.exit_code == 2 and "holds no key" in result.output
+
+
+def test_serve_help_says_what_unnamed_requests_get():
+    text = ok(run("serve", "--help")).output
+    assert "share one conversation" not in text  # each unnamed client gets its own (row 18 of the review)
+    assert "anonymous conversation of its own" in text
+    for option in ("--allow-host", "--cors-origin", "--max-prompt-tokens", "--shutdown-timeout", "--api-keys-file"):
+        assert option in text
 
 
 def test_serve_refuses_a_shift_mode_it_cannot_run(monkeypatch):

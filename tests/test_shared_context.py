@@ -113,3 +113,49 @@ def test_closing_the_model_closes_the_shared_context_and_its_sessions(model_path
         s.feed("more")
     s.close()
     shared.close()  # idempotent
+
+
+def test_a_shared_slot_evicting_one_token_at_a_time_matches_a_lone_session_at_every_step(random_model):
+    """Every token a step, each past the window evicting exactly one: the shared slot (not sequence 0,
+    beside another stream) gives bitwise the lone session's next logits at every step. A sink moved
+    wrongly in a shared slot shows here at once, not only after a large batched eviction."""
+    config = SessionConfig.of(n_ctx=64, shift_mode="window-back", n_threads=1, evict_chunk=1)
+    tokens = random_model.tokenize(TEXTS[2] * 2)[:150]
+    with SharedContext(random_model, config, slots=2) as shared, Session(random_model, config) as lone:
+        occupant = Session(random_model, config, context=shared)
+        occupant.feed(TEXTS[3])
+        with Session(random_model, config, context=shared) as s:
+            assert s.cache.seq == 1
+            for i, token in enumerate(tokens):
+                s.feed_tokens([token]), lone.feed_tokens([token])
+                assert np.array_equal(s.next_logits(), lone.next_logits()), i
+            assert s.stats.evictions == len(tokens) - 64 and s.stats.shifts == len(tokens) - 64
+            assert s.cached_tokens() == lone.cached_tokens()
+        occupant.close()
+
+
+def test_a_restored_shared_session_continues_as_one_never_saved(random_model, tmp_path, measured):
+    """The restore is compared with a twin that was never saved, not only with the saver (which runs
+    the same save code). A restore that re-decoded a wrong newest token stands far above the noise."""
+    config = SessionConfig.of(n_ctx=64, shift_mode="window-back", n_threads=1, evict_chunk=1)
+    tokens = random_model.tokenize(TEXTS[4] * 2)
+    before, after = tokens[:100], tokens[100:140]
+    with SharedContext(random_model, config, slots=2) as shared, Session(random_model, config) as twin:
+        twin.feed_tokens(before)
+        with Session(random_model, config, context=shared) as saver:
+            saver.feed_tokens(before)
+            saver.save(tmp_path / "s.session")
+        with Session.restore(tmp_path / "s.session", random_model, context=shared, n_threads=1) as restored:
+            noise = float(np.abs(restored.next_logits() - twin.next_logits()).max())
+            for token in after:
+                restored.feed_tokens([token]), twin.feed_tokens([token])
+                noise = max(noise, float(np.abs(restored.next_logits() - twin.next_logits()).max()))
+            assert restored.cached_tokens() == twin.cached_tokens()
+        with Session(random_model, config) as wrong:  # what a restore that re-decoded another token gives
+            wrong.feed_tokens(before[:-1] + [before[-2]])
+            with Session(random_model, config) as right:
+                right.feed_tokens(before)
+                error = float(np.abs(wrong.next_logits() - right.next_logits()).max())
+    measured("restored vs never-saved twin, max logit difference over 40 steps", f"{noise:.2e}")
+    measured("a wrong newest token, max logit difference", f"{error:.2f}")
+    assert noise < 1e-3 < error / 100

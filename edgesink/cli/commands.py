@@ -32,6 +32,7 @@ from ..session import Session
 from ..version import __version__
 from . import feeding
 from .chat import COMMANDS, run_chat
+from .serving import serve_options, server_settings
 
 
 @dataclass(frozen=True)
@@ -467,16 +468,24 @@ SERVE_HELP = """Serve the model over an OpenAI-compatible HTTP API, with convers
   POST /v1/chat/completions   chat (stream: true for server-sent events)
   POST /v1/completions        plain text continuation
   GET  /v1/models             the model's id
-  GET  /health                slots, live sessions, queue
+  GET  /health                whether it can serve; slots, live sessions, queue
+  GET/DELETE /v1/sessions/NAME   a named conversation of yours
 
-Name a conversation with the header X-Edgesink-Session: NAME (or the body's "session" or
-"user" field): it keeps its cache between requests, evicts whole turns and keeps its system
-prompt. A client that re-sends the whole history (as OpenAI clients do) has the part already
-fed recognised and skipped; a history that differs starts the conversation afresh, and the
-reply says so ("edgesink": {"started_over": ...}). Unnamed requests share one conversation
-that way. Up to --slots sessions are live and decode together; the least recently used idle
-one is saved to --sessions DIR and freed when another needs its slot. With --sessions, named
-sessions are saved after every request and restored after a restart.
+Name a conversation with the header X-Edgesink-Session: NAME (or the body's "session" field;
+OpenAI's "user" field only with --session-from-user): it keeps its cache between requests,
+evicts whole turns and keeps its system prompt. A client that re-sends the whole history (as
+OpenAI clients do) has the part already fed recognised and skipped; a history that differs
+starts the conversation afresh, and the reply says so ("edgesink": {"started_over": ...}).
+Each unnamed client gets an anonymous conversation of its own, continued while it re-sends the
+same history. With API keys, each key's conversation names are its own. Up to --slots sessions
+are live and decode together; the least recently used idle one is saved to --sessions DIR and
+freed when another needs its slot. With --sessions, named sessions are saved after every
+request and restored after a restart.
+
+Safe by default on a machine with a web browser: the Host header must name this server (DNS
+rebinding), a POST must be application/json, and web pages of other origins are refused unless
+--cors-origin allows them. A request's prompt work is bounded (--max-prompt-tokens,
+--max-messages) and stops within one batch when its client disconnects or the server stops.
 
 Served sessions move the window back when they evict (shift_mode window-back), which moves
 every cached cell; so sink and window evict 64 tokens at a time unless -o evict_chunk=N says
@@ -487,27 +496,10 @@ otherwise (a chat evicts whole turns anyway).
 @main.command(help=SERVE_HELP)
 @click.argument("model", required=False)
 @session_options
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on (0.0.0.0 exposes the server to the network).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on.")
-@click.option("--api-key", envvar="EDGESINK_API_KEY", default=None,
-              help="Require 'Authorization: Bearer KEY' (or set EDGESINK_API_KEY).")
-@click.option("--sessions", "sessions_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for session snapshots: named sessions survive restarts.")
-@click.option("--slots", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="Sessions live at once (one llama.cpp sequence each, decoded together).")
-@click.option("--max-queue", type=click.IntRange(min=0), default=32, show_default=True,
-              help="Requests that may wait for a slot; more get 429.")
-@click.option("--queue-timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
-              help="Seconds a request may wait for a slot before a 503.")
-@click.option("--max-body", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
-              help="Largest request body in bytes; larger get 413.")
-@click.option("--max-tokens", "max_tokens_limit", type=click.IntRange(min=1), default=4096, show_default=True,
-              help="The most tokens one request may ask to generate.")
+@serve_options
 @friendly_errors
-def serve(model, session_args, host, port, api_key, sessions_dir, slots, max_queue, queue_timeout, max_body,
-          max_tokens_limit):
-    from ..serve import EVICT_CHUNK, ServeLimits, run  # lazy: the HTTP stack (starlette, uvicorn) loads only to serve
+def serve(model, session_args, serve_args):
+    from ..serve import EVICT_CHUNK, run  # lazy: the HTTP stack (starlette, uvicorn) loads only to serve
 
     if session_args.settings.get("shift_mode", "window-back") != "window-back":
         raise click.UsageError("served sessions share one context and shift the window back: "
@@ -517,15 +509,13 @@ def serve(model, session_args, host, port, api_key, sessions_dir, slots, max_que
         # time, so it pays that once per chunk, not per token (a chat evicts whole turns anyway).
         session_args = dataclasses.replace(session_args, settings={**session_args.settings, "evict_chunk": EVICT_CHUNK})
     config = dataclasses.replace(_checked(session_args.config), shift_mode="window-back")
+    settings = server_settings(serve_args)  # checked before the model loads
     engine = click.get_current_context().find_object(Engine) or Engine()
     _native.set_verbose(session_args.verbose)
     loaded = engine.load(model, n_gpu_layers=session_args.n_gpu_layers)
     # Clients name the model by the file's stem, or by the registry or Hub name it was loaded by.
     ids = list(dict.fromkeys([loaded.path.stem] if model is None or looks_like_path(model) else [model, loaded.path.stem]))
-    if sessions_dir:
-        sessions_dir.mkdir(parents=True, exist_ok=True)
-    run(loaded, config, host=host, port=port, slots=slots, sessions_dir=sessions_dir, api_key=api_key,
-        limits=ServeLimits(max_body, max_queue, queue_timeout, max_tokens_limit), model_ids=ids)
+    run(loaded, config, model_ids=ids, **settings)
 
 
 def _add_bench_command() -> None:

@@ -2,7 +2,8 @@
 
 Every problem is an :class:`ApiError`: the HTTP status and the OpenAI-shaped error body a client
 gets. Unknown fields are ignored (clients send many optional ones); known fields of the wrong
-type or range are refused, naming the field.
+type or range are refused, naming the field, and so are fields the server does not implement
+(``tools``, ``logit_bias``...): ignoring them would let a client believe they took effect.
 """
 
 from __future__ import annotations
@@ -12,25 +13,17 @@ import math
 import re
 from dataclasses import dataclass
 
+from .api_errors import ApiError, bad
+from .structured import grammar_for
+
 SESSION_HEADER = "x-edgesink-session"  # or the body's "session" field (also "user", as OpenAI names it)
-SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullmatch: no trailing newline
+SESSION_NAME_RULE = "a session name is 1-64 letters, digits, '_', '.' or '-', beginning with a letter or digit"
 ROLES = ("system", "user", "assistant", "tool")
-
-
-class ApiError(Exception):
-    """A request the server refuses: ``status`` and an OpenAI-shaped error body."""
-
-    def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-def bad(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param)
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
+# Fields a client may send expecting an effect the server does not have: refused, never ignored.
+UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logit_bias", "logprobs", "top_logprobs",
+               "parallel_tool_calls", "audio", "modalities", "prediction")
 
 
 @dataclass(frozen=True)
@@ -44,11 +37,15 @@ class Generation:
     seed: int | None
     stream: bool
     include_usage: bool
+    grammar: str | None = None  # GBNF from response_format (JSON mode); None: free text
 
     def sampling(self) -> dict:
         """Keywords for ``Session.stream_generate``."""
-        return {"max_tokens": self.max_tokens, "stop": self.stop, "temperature": self.temperature,
-                "top_p": self.top_p, "seed": self.seed}
+        sampling = {"max_tokens": self.max_tokens, "stop": self.stop, "temperature": self.temperature,
+                    "top_p": self.top_p, "seed": self.seed}
+        if self.grammar is not None:
+            sampling["grammar"] = self.grammar
+        return sampling
 
 
 @dataclass(frozen=True)
@@ -67,36 +64,83 @@ class CompletionRequest:
     session: str | None
 
 
+MAX_JSON_DEPTH = 32  # no OpenAI request nests deeper; json.loads would recurse further
+
+
 def parse_json(body: bytes) -> dict:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as error:
         raise bad(f"the request body is not valid JSON ({error})") from None
+    except RecursionError:
+        raise bad(f"the request body's JSON nests deeper than {MAX_JSON_DEPTH} levels") from None
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise bad(f"the request body's JSON nests deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(data, dict):
         raise bad("the request body must be a JSON object")
     return data
 
 
-def chat_request(data: dict, header_session: str | None, max_tokens_limit: int) -> ChatRequest:
+def _depth(value) -> int:
+    """How deeply ``value`` nests lists and objects (iteratively: a deep one cannot overflow the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+@dataclass(frozen=True)
+class RequestRules:
+    """What the server's settings say about requests: generation and prompt limits, names."""
+
+    max_tokens: int = 4096  # the most a request may ask to generate
+    session_from_user: bool = False  # OpenAI's ``user`` field names the conversation (off: it is ignored)
+
+
+def chat_request(data: dict, header_session: str | None, rules: RequestRules) -> ChatRequest:
+    _refuse_unsupported(data)
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list", "messages")
     checked = tuple(_message(m, i) for i, m in enumerate(messages))
     if checked[-1]["role"] == "assistant":
         raise bad("the last message must not be the assistant's: there is nothing to reply to", "messages")
-    return ChatRequest(_model(data), checked, _generation(data, max_tokens_limit), _session(data, header_session))
+    if all(m["role"] == "system" for m in checked):
+        raise bad("messages hold only system messages: add a user message to reply to", "messages")
+    generation = _generation(data, rules.max_tokens, grammar=_grammar(data))
+    return ChatRequest(_model(data), checked, generation, _session(data, header_session, rules))
 
 
-def completion_request(data: dict, header_session: str | None, max_tokens_limit: int) -> CompletionRequest:
+def completion_request(data: dict, header_session: str | None, rules: RequestRules) -> CompletionRequest:
+    _refuse_unsupported(data)
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise bad("prompt must be a non-empty string (one prompt per request)", "prompt")
-    if data.get("echo") or data.get("suffix") or data.get("logprobs"):
-        raise bad("echo, suffix and logprobs are not supported")
-    return CompletionRequest(_model(data), prompt, _generation(data, max_tokens_limit, default_max=16),
-                             _session(data, header_session))
+    for field in ("echo", "suffix"):
+        if data.get(field):
+            raise bad(f"{field} is not supported by this server", field)
+    generation = _generation(data, rules.max_tokens, default_max=16, grammar=_grammar(data))
+    return CompletionRequest(_model(data), prompt, generation, _session(data, header_session, rules))
+
+
+def _refuse_unsupported(data: dict) -> None:
+    """A 400 naming the first field the server would otherwise ignore while the client counts on it."""
+    for field in UNSUPPORTED:
+        value = data.get(field)
+        if value not in (None, False, "none", [], {}):
+            raise bad(f"{field} is not supported by this server (it would be ignored): leave it out", field)
+
+
+def _grammar(data: dict) -> str | None:
+    """GBNF for the request's ``response_format`` (JSON mode, a JSON schema); None for free text."""
+    response_format = data.get("response_format")
+    return None if response_format is None else grammar_for(response_format)
 
 
 def _model(data: dict) -> str:
@@ -111,8 +155,9 @@ def _message(message, index: int) -> dict:
     if not isinstance(message, dict):
         raise bad(f"{param} must be an object with role and content", param)
     role, content = message.get("role"), message.get("content")
+    role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
     if role not in ROLES:
-        raise bad(f"{param}.role must be one of {', '.join(ROLES)}, got {role!r}", f"{param}.role")
+        raise bad(f"{param}.role must be one of {', '.join(ROLES)} (or developer), got {role!r}", f"{param}.role")
     if isinstance(content, list):  # content parts: only text ones
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
             raise bad(f"{param}.content: only text parts are supported", f"{param}.content")
@@ -124,7 +169,7 @@ def _message(message, index: int) -> dict:
     return {"role": role, "content": content}
 
 
-def _generation(data: dict, limit: int, default_max: int = 512) -> Generation:
+def _generation(data: dict, limit: int, default_max: int = 512, grammar: str | None = None) -> Generation:
     n = data.get("n", 1)
     if n != 1 or isinstance(n, bool):
         raise bad(f"n must be 1: a session has one stream, so one reply per request (got {n!r})", "n")
@@ -147,7 +192,8 @@ def _generation(data: dict, limit: int, default_max: int = 512) -> Generation:
     options = data.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad("stream_options must be an object", "stream_options")
-    return Generation(max_tokens, temperature, top_p, tuple(stop), seed, stream, bool(options.get("include_usage")))
+    return Generation(max_tokens, temperature, top_p, tuple(stop), seed, stream, bool(options.get("include_usage")),
+                      grammar)
 
 
 def _number(data: dict, key: str, default: float, low: float, high: float) -> float:
@@ -160,12 +206,18 @@ def _number(data: dict, key: str, default: float, low: float, high: float) -> fl
     return float(value)
 
 
-def _session(data: dict, header: str | None) -> str | None:
-    """The conversation's name: the header, else the body's "session" (or "user") field; None: unnamed."""
-    name = header or data.get("session") or data.get("user")
+def _session(data: dict, header: str | None, rules: RequestRules) -> str | None:
+    """The conversation's name: the header, else the body's "session" field (or "user", only when the
+    server was told so: OpenAI clients send it to identify a person, not to name a stored conversation);
+    None: unnamed."""
+    name = header or data.get("session") or (data.get("user") if rules.session_from_user else None)
     if name is None:
         return None
-    if not isinstance(name, str) or not SESSION_NAME.match(name):
-        raise bad("a session name is 1-64 letters, digits, '_', '.' or '-', beginning with a letter or digit",
-                  "session")
+    if not valid_name(name):
+        raise bad(SESSION_NAME_RULE, "session")
     return name
+
+
+def valid_name(name) -> bool:
+    """Whether ``name`` may name a conversation (and so a file in the sessions folder)."""
+    return isinstance(name, str) and SESSION_NAME.fullmatch(name) is not None

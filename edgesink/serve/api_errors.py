@@ -1,0 +1,19 @@
+"""The error a request gets: an HTTP status and an OpenAI-shaped body."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    """A request the server refuses: ``status`` and an OpenAI-shaped error body."""
+
+    def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param)
