@@ -209,8 +209,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8471)
     parser.add_argument("--sessions-dir", default="/tmp/edgesink-bench-sessions",
                         help="The long chat's --sessions folder (saved after every turn, as a durable server does).")
+    parser.add_argument("--parts", default="api,engine,chat",
+                        help="Which parts to run: api (streaming over the API), engine (side by side), chat (long chat).")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     model = edgesink.load(args.model)
     # As `edgesink serve` configures its sessions.
     config = SessionConfig.of(n_ctx=args.n_ctx, shift_mode="window-back", n_threads=args.threads,
@@ -219,10 +222,13 @@ def main() -> None:
     report = {"command": "benchmarks/serve.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items()
                                                            if v is not None and k != "json"),
               "model": model.path.name, "n_ctx": args.n_ctx, "threads": args.threads}
-    report["over_the_api"] = concurrency_over_api(model, config, args.port, args.sessions, args.reply_tokens)
-    report["engine_side_by_side"] = [engine_side_by_side(model, config, n, args.reply_tokens) for n in args.sessions]
-    progress("long chat")
-    report["long_chat"] = long_chat(model, config, args.port + 1, args.sessions_dir, args.turns, 32)
+    if "api" in parts:
+        report["over_the_api"] = concurrency_over_api(model, config, args.port, args.sessions, args.reply_tokens)
+    if "engine" in parts:
+        report["engine_side_by_side"] = [engine_side_by_side(model, config, n, args.reply_tokens) for n in args.sessions]
+    if "chat" in parts:
+        progress("long chat")
+        report["long_chat"] = long_chat(model, config, args.port + 1, args.sessions_dir, args.turns, 32)
     publish(report, args.json)
 
 

@@ -233,6 +233,7 @@ def test_named_sessions_survive_kill_9_and_a_restart(model_path, tmp_path):
     status, reply, _ = second.request("POST", "/v1/chat/completions", {
         "model": model_id, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 4}, {"X-Edgesink-Session": "bob"})
     assert status == 200 and reply["edgesink"]["started_over"].startswith("its saved session could not be restored")
+    assert str(tmp_path) not in reply["edgesink"]["started_over"]  # the server's paths stay its own
     assert second.request("DELETE", "/v1/sessions/ada")[0] == 200
     assert not (sessions / "ada.session").exists()
     assert second.stop() == 0

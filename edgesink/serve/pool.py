@@ -218,7 +218,8 @@ class SessionPool:
         try:
             session = Session.restore(path, self.model, context=self.shared, n_threads=self.config.n_threads)
         except EdgesinkError as error:  # unreadable, or saved under other settings: start over, say why
-            conversation.lost = f"its saved session could not be restored here ({type(error).__name__}: {error})"
+            conversation.lost = without_paths(f"its saved session could not be restored here "
+                                              f"({type(error).__name__}: {error})")
             return None
         if not self.durable:
             path.unlink(missing_ok=True)  # taken back into a slot: the live session is the only copy now
