@@ -20,7 +20,7 @@ ISWA_MODEL    := models/cache/gemma-3-270m-q4_k_m.gguf
 CORPUS        := benchmarks/.cache/austen.txt
 STOCK_LIB     := build/stock/lib/libllama.so
 
-.PHONY: setup default-model chat test test-fast patch-tree patches stock-lib asan clean FORCE
+.PHONY: setup default-model chat test test-fast patch-tree patches stock-lib asan clean vulkan-check vulkan-lib FORCE
 
 setup: $(VENV)/.edgesink-installed default-model
 
@@ -34,10 +34,10 @@ TEST_WORKERS ?= auto
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 8 --dist worksteal
 
 test: setup $(VENV)/.test-deps $(CORPUS) $(STOCK_LIB) $(ISWA_MODEL)
-	$(PYTEST) $(PYTEST_ARGS)
+	$(PYTEST) -m "not vulkan" $(PYTEST_ARGS)
 
 test-fast: setup $(VENV)/.test-deps $(CORPUS) $(STOCK_LIB) $(ISWA_MODEL)
-	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow and not vulkan" $(PYTEST_ARGS)
 
 # Long real prose for quality tests and the benchmark (Jane Austen, from a Debian package).
 $(CORPUS): | $(VENV)/.edgesink-installed
@@ -190,3 +190,37 @@ $(GPU_STOCK_LIB): $(GPU_LIB)
 	cmake --build build/gpu-stock -j
 	cmake --install build/gpu-stock --prefix build/gpu-stock --component edgesink
 	cp $(filter-out %/libllama.so,$(wildcard build/gpu/lib/*.so)) build/gpu-stock/lib/
+
+# The Vulkan check, on any machine: Mesa's lavapipe is a Vulkan driver that runs on the CPU, so the
+# GPU code path (weights and KV cache in device buffers, the K-shift and cell moves as device graphs)
+# is tested in every CI run. Builds the Vulkan configuration beside the CPU one (build/vulkan/lib,
+# patch marker and all), then runs the tests marked 'vulkan' against it with every layer offloaded;
+# each asserts first that the layers went to the Vulkan device. Debian packages (the README names
+# them; .ci/run installs them): libvulkan-dev glslc spirv-headers glslang-tools mesa-vulkan-drivers.
+# GGML_VK_VISIBLE_DEVICES=0: ggml skips CPU-type Vulkan devices such as lavapipe unless asked for one.
+# MESA_SHADER_CACHE_DIR: lavapipe compiles each pipeline on first use (minutes in all); the tests'
+# own HOME is a fresh folder each time, so the cache lives here and the child processes share it.
+VULKAN_LIB := build/vulkan/lib/libllama.so
+VULKAN_STOCK_LIB := build/vulkan-stock/lib/libllama.so
+VULKAN_TEST_ARGS ?=
+vulkan-lib: $(VULKAN_LIB) $(VULKAN_STOCK_LIB)
+vulkan-check: setup $(VENV)/.test-deps $(CORPUS) $(VULKAN_LIB) $(VULKAN_STOCK_LIB)
+	EDGESINK_LIB_PATH=$(abspath build/vulkan/lib) GGML_VK_VISIBLE_DEVICES=0 \
+	MESA_SHADER_CACHE_DIR=$(abspath build/mesa-shader-cache) \
+	    $(PY) -m pytest -p no:xdist -m vulkan -v -rA --durations=5 $(VULKAN_TEST_ARGS) tests/test_vulkan.py
+
+$(VULKAN_LIB): $(NATIVE_INPUTS) | $(VENV)/.bindings-installed
+	cmake -S . -B build/vulkan -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_VULKAN=ON -DPython3_EXECUTABLE=$(abspath $(PY))
+	cmake --build build/vulkan -j
+	cmake --install build/vulkan --prefix build/vulkan --component edgesink
+
+# The stock libllama against that same Vulkan ggml (only llama.cpp's src/ compiles), for the bitwise
+# comparison of the two K-shifts on the device.
+$(VULKAN_STOCK_LIB): $(VULKAN_LIB)
+	cmake --install build/vulkan --prefix build/vulkan/prefix   # ggml's CMake package
+	cmake -S . -B build/vulkan-stock -G Ninja -DCMAKE_BUILD_TYPE=Release -DEDGESINK_PATCHES=OFF \
+	      -DLLAMA_USE_SYSTEM_GGML=ON -Dggml_DIR=$(abspath build/vulkan/prefix/lib/cmake/ggml) \
+	      -DPython3_EXECUTABLE=$(abspath $(PY))
+	cmake --build build/vulkan-stock -j
+	cmake --install build/vulkan-stock --prefix build/vulkan-stock --component edgesink
+	cp $(filter-out %/libllama.so,$(wildcard build/vulkan/lib/*.so)) build/vulkan-stock/lib/

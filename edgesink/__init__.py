@@ -16,6 +16,7 @@ from .errors import (
     CorpusError,
     DecodeError,
     EdgesinkError,
+    LibraryError,
     ModelLoadError,
     ModelNotFoundError,
     NoFreeSlotError,
@@ -38,7 +39,7 @@ from .session import GenerationChunk, Session, SessionStats
 from .version import __version__
 
 __all__ = [
-    "Cancelled", "ClosedError", "ContextCreationError", "ContextFullError", "ContextPolicy", "CorpusError", "DecodeError", "Dense", "EdgesinkError", "GenerationChunk",
+    "Cancelled", "ClosedError", "ContextCreationError", "ContextFullError", "ContextPolicy", "CorpusError", "DecodeError", "Dense", "EdgesinkError", "GenerationChunk", "LibraryError",
     "Halve", "Model", "ModelLoadError", "ModelNotFoundError", "NoFreeSlotError", "POLICY_NAMES", "Recompute",
     "SamplingParams", "Session", "SessionConfig", "SessionFileError", "SessionSaveError", "SessionStats", "SettingsError", "SharedContext", "Sink",
     "SystemPromptTooLongError", "TemplateRenderError", "TemplateRewriteError", "TextTooLongError", "UnsupportedModelError", "Window",

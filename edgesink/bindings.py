@@ -5,6 +5,6 @@ are llama.h's, documented there); a session's context is ``session.cache.ctx``. 
 on a session's context bypasses its bookkeeping: measure with them, do not change the stream.
 """
 
-from ._native import LIBRARY_FOLDER, C, patch_level, upstream_commit
+from ._native import LIBRARY_FOLDER, C, built_ggml_commit, ggml_commit, patch_level, upstream_commit
 
-__all__ = ["C", "LIBRARY_FOLDER", "patch_level", "upstream_commit"]
+__all__ = ["C", "LIBRARY_FOLDER", "built_ggml_commit", "ggml_commit", "patch_level", "upstream_commit"]

@@ -9,6 +9,11 @@ class ModelLoadError(EdgesinkError):
     """A model file could not be loaded (missing, corrupt, or not a model llama.cpp can run)."""
 
 
+class LibraryError(ModelLoadError):
+    """The native library loaded is not the one this edgesink was built with (another build's libggml,
+    bindings of another llama.cpp version): using it could crash the process. The message names both sides."""
+
+
 class ModelNotFoundError(ModelLoadError, FileNotFoundError):
     """No model file at the given path or under the given name."""
 

@@ -4,17 +4,44 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import _native, gguf_check
 from ._native import C
 from .errors import ClosedError, ModelLoadError, ModelNotFoundError, SettingsError, TextTooLongError
+from .library_check import check_library
 from .session import Session
 
 LOAD_MODE_NONE, LOAD_MODE_MMAP = 0, 1  # enum llama_load_mode
 # int32_t llama_tokenize(..., const char * text, int32_t text_len, llama_token * tokens, int32_t n_tokens_max, ...):
 # both lengths are int32_t, and n_tokens_max is the text's length + 2.
 MAX_TOKENIZE_BYTES = 2**31 - 1 - 2
+CPU_BACKENDS = ("CPU", "BLAS", "RPC")  # backends whose presence means no GPU of this machine
+# What llama.cpp logs while loading, the only place it says where the layers went.
+USING_DEVICE = re.compile(r"using device (\S+) \((.*?)\) \(")
+OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
+
+
+@dataclass(frozen=True)
+class Offload:
+    """Where a model's layers went: the devices llama.cpp used and how many layers it offloaded."""
+
+    devices: tuple[str, ...]  # ggml device names ("Vulkan0", "CUDA0"); empty: every layer on the CPU
+    descriptions: tuple[str, ...]
+    layers: int  # layers offloaded (the output layer counts as one)
+    of: int  # layers that could be
+
+    @property
+    def on_gpu(self) -> bool:
+        return bool(self.devices) and self.layers > 0
+
+    def __str__(self) -> str:
+        if not self.on_gpu:
+            return "CPU"
+        return f"{self.layers}/{self.of} layers on {', '.join(f'{d} ({x})' for d, x in zip(self.devices, self.descriptions))}"
 
 
 class Model:
@@ -26,7 +53,7 @@ class Model:
     """
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, use_mmap: bool = True,
-                 check: str = "full"):
+                 check: str = "full", device: str | None = None):
         """``check``: ``"full"`` (default) checks the GGUF header in Python, then lets llama.cpp load
         the file once in a child process (remembered per file content), so a file that would abort
         llama.cpp raises ModelLoadError instead of killing this process; ``"header"`` only the
@@ -34,6 +61,10 @@ class Model:
 
         Whatever ``check``, the file is hashed here (once per file version, then remembered):
         :attr:`sha256` and saved sessions describe the bytes loaded, even if the file later changes.
+
+        ``n_gpu_layers`` (-1: all) go to ``device`` (a ggml device name, ``Vulkan0``, ``CUDA1``: see
+        ``edgesink info``), or by default to the GPUs llama.cpp finds. :attr:`offload` says where they
+        went; a GPU build that found no usable GPU warns that the model runs on the CPU.
         """
         self._model = None
         self._contexts: dict = {}  # each session's cache on these weights -> that session's lock
@@ -52,14 +83,22 @@ class Model:
         self._sha256: str = gguf_check.file_sha256(self.path)
         if check == "full":
             gguf_check.probe_once(self.path, self._sha256)
+        check_library()
         _native.warn_if_stock()
         params = C.llama_model_default_params()
         # -1 means "every layer": llama.cpp clamps it to the model's layer count.
         params.n_gpu_layers = 2**31 - 1 if n_gpu_layers < 0 else n_gpu_layers
         params.load_mode = LOAD_MODE_MMAP if use_mmap else LOAD_MODE_NONE
-        self._model = C.llama_model_load_from_file(str(self.path).encode(), params)
+        self._devices = _device_list(device)  # NULL-terminated; kept alive while llama.cpp may read it
+        if self._devices is not None:
+            params.devices = ctypes.cast(self._devices, ctypes.POINTER(ctypes.c_void_p))
+        with _native.captured_log() as log:
+            self._model = C.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             raise ModelLoadError(f"llama.cpp could not load {self.path}: not a valid GGUF model it supports")
+        self.offload: Offload = _offload_from_log(log)
+        if n_gpu_layers != 0:
+            _warn_if_cpu_only(self.offload)
         if _file_identity(self.path) != identity:  # the hash would not describe what llama.cpp read
             C.llama_model_free(self._model)
             self._model = None
@@ -241,3 +280,34 @@ def _file_identity(path: Path) -> tuple | None:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
+
+
+def _device_list(name: str | None):
+    """``ggml_backend_dev_t[]`` holding the named device and NULL, or None (llama.cpp's default choice)."""
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name:
+        raise SettingsError(f"device must be a device name such as 'Vulkan0' (see edgesink info), got {name!r}")
+    handle = _native.device_handle(name)
+    if not handle:
+        known = ", ".join(d["name"] for d in _native.devices()) or "none"
+        raise SettingsError(f"no device named {name!r} here; the devices are: {known} (edgesink info lists them)")
+    return (ctypes.c_void_p * 2)(handle, None)
+
+
+def _offload_from_log(lines: list[str]) -> Offload:
+    """Where the layers went, read from llama.cpp's log of the load."""
+    used = [m.groups() for m in map(USING_DEVICE.search, lines) if m]
+    counts = [m for m in map(OFFLOADED.search, lines) if m]
+    layers, of = (int(counts[-1].group(1)), int(counts[-1].group(2))) if counts else (0, 0)
+    return Offload(tuple(d for d, _ in used), tuple(x for _, x in used), layers if used else 0, of)
+
+
+def _warn_if_cpu_only(offload: Offload) -> None:
+    """A GPU build asked for GPU layers that all stayed on the CPU: say so, never silently."""
+    gpu_backends = [b for b in _native.backends() if b not in CPU_BACKENDS]
+    if gpu_backends and not offload.on_gpu:
+        hint = (" A CPU-type Vulkan device (Mesa's lavapipe) is used only when asked for: "
+                "GGML_VK_VISIBLE_DEVICES=0." if "Vulkan" in gpu_backends else "")
+        warnings.warn(f"edgesink: this library has the {', '.join(gpu_backends)} backend but found no device it "
+                      f"could use, so every layer runs on the CPU.{hint}", RuntimeWarning, stacklevel=3)

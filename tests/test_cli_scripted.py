@@ -33,14 +33,14 @@ def chat_lines(script: str, *options) -> list[str]:
 
 def test_every_session_option_reaches_the_session_and_the_model():
     ok(run("generate", "my.gguf", "-p", "x", "--n-ctx", 512, "--policy", "sink", "--sinks", 2, "--threads", 3,
-           "--n-gpu-layers", 5, "-o", "evict_chunk=8", "-o", "batch_size=16", "-o", "type_k=q8_0",
+           "--n-gpu-layers", 5, "--device", "Vulkan1", "-o", "evict_chunk=8", "-o", "batch_size=16", "-o", "type_k=q8_0",
            "-o", "shift_mode=window-back", "-o", "refresh_every=7", "-o", "rebase_every=99", "-o", "flash_attn=false"))
     (session,) = FakeSession.made
     config = session.config
     assert config.policy == Sink(sinks=2, evict_chunk=8)
     assert (config.n_ctx, config.n_threads, config.batch_size, config.type_k) == (512, 3, 16, "q8_0")
     assert (config.shift_mode, config.refresh_every, config.rebase_every, config.flash_attn) == ("window-back", 7, 99, False)
-    assert session.model.path.name == "my.gguf" and session.model.options == {"n_gpu_layers": 5}
+    assert session.model.path.name == "my.gguf" and session.model.options == {"n_gpu_layers": 5, "device": "Vulkan1"}
     assert session.closed
 
 

@@ -44,9 +44,14 @@ class SessionArgs:
     sinks: int | None
     threads: int | None
     n_gpu_layers: int
+    device: str | None
     verbose: bool
     settings: dict  # from -o KEY=VALUE
     given: frozenset  # the options set on the command line (not defaults): they override a saved session's
+
+    def load_options(self) -> dict:
+        """Keywords for loading the model (``edgesink.load``)."""
+        return {"n_gpu_layers": self.n_gpu_layers, **({"device": self.device} if self.device else {})}
 
     def config(self) -> SessionConfig:
         """The session's checked settings (SettingsError names a bad one)."""
@@ -74,6 +79,9 @@ def session_options(fn):
                      help="CPU threads (default: every CPU this process may use)."),
         click.option("--n-gpu-layers", type=click.IntRange(min=-1), default=-1, show_default=True,
                      help="Layers offloaded to the GPU in GPU builds (-1: all, 0: none)."),
+        click.option("--device", default=None, metavar="NAME",
+                     help="The device the layers go to, by its name in 'edgesink info' (Vulkan0, CUDA1); "
+                          "default: the GPUs llama.cpp finds. Lavapipe needs GGML_VK_VISIBLE_DEVICES=0."),
         click.option("-o", "--option", "settings", multiple=True, metavar="KEY=VALUE", callback=parse_settings,
                      help=f"Any other session setting, repeatable: {', '.join(EXTRA_SETTINGS)} "
                           "(see the Python API's Session; e.g. -o evict_chunk=8 -o type_k=q8_0)."),
@@ -81,11 +89,11 @@ def session_options(fn):
     ]
 
     @functools.wraps(fn)
-    def wrapper(*, n_ctx, policy, sinks, threads, n_gpu_layers, verbose, settings, **kwargs):
+    def wrapper(*, n_ctx, policy, sinks, threads, n_gpu_layers, device, verbose, settings, **kwargs):
         ctx = click.get_current_context()
         given = frozenset(name for name in ("n_ctx", "policy", "sinks", "threads", "settings")
                           if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT))
-        args = SessionArgs(n_ctx, policy, sinks, threads, n_gpu_layers, verbose, settings, given)
+        args = SessionArgs(n_ctx, policy, sinks, threads, n_gpu_layers, device, verbose, settings, given)
         return fn(session_args=args, **kwargs)
 
     for option in reversed(options):
@@ -210,7 +218,7 @@ def open_session(model, args: SessionArgs, resume=None) -> Session:
     _native.set_verbose(args.verbose)
     if sys.stderr.isatty():  # a first load checks the file in a child process: say why we wait
         click.echo(f"loading {model or 'the default model'} ...", err=True)
-    loaded = engine.load(model, n_gpu_layers=args.n_gpu_layers)
+    loaded = engine.load(model, **args.load_options())
     if resume:
         return engine.session.restore(resume, loaded, n_threads=args.threads, **overrides)
     return engine.session(loaded, config)
@@ -512,7 +520,7 @@ def serve(model, session_args, serve_args):
     settings = server_settings(serve_args)  # checked before the model loads
     engine = click.get_current_context().find_object(Engine) or Engine()
     _native.set_verbose(session_args.verbose)
-    loaded = engine.load(model, n_gpu_layers=session_args.n_gpu_layers)
+    loaded = engine.load(model, **session_args.load_options())
     # Clients name the model by the file's stem, or by the registry or Hub name it was loaded by.
     ids = list(dict.fromkeys([loaded.path.stem] if model is None or looks_like_path(model) else [model, loaded.path.stem]))
     run(loaded, config, model_ids=ids, **settings)
