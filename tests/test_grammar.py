@@ -137,3 +137,12 @@ def test_grammar_for_refuses_a_bad_format_naming_the_field(response_format, para
         grammar_for(response_format)
     assert caught.value.status == 400 and caught.value.param == param
     assert caught.value.body()["error"]["param"] == param
+
+
+def test_schema_strings_exclude_the_control_characters_json_forbids():
+    """llama-cpp-python's converter lets a string hold a raw newline, which json.loads refuses (seen
+    under sampling): the server's grammar takes them out, as its JSON grammar does."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    grammar = grammar_for({"type": "json_schema", "json_schema": {"name": "p", "schema": schema}})
+    char_rule = next(line for line in grammar.splitlines() if line.startswith("char ::="))
+    assert char_rule.startswith('char ::= [^"\\\\\\x7F\\x00-\\x1F]'), char_rule

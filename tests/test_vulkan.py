@@ -224,4 +224,6 @@ def test_a_short_real_chat_past_n_ctx(vk_model):
         assert s.messages[0] == {"role": "system", "content": "You are terse."}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no CPU-fallback warning for a model that is on the GPU
-        on_vulkan(edgesink.load(vk_model.path)).close()
+        chosen = on_vulkan(edgesink.load(vk_model.path, device="Vulkan0"))  # a device asked for by name
+        assert chosen.offload.devices == ("Vulkan0",)
+        chosen.close()

@@ -15,6 +15,8 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from .api_errors import ApiError
 
 FORMAT_TYPES = ("text", "json_object", "json_schema")
+ANY_STRING_CHAR = 'char ::= [^"\\\\]'  # a string's plain character, as json_schema_to_gbnf writes it
+JSON_STRING_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F]'  # the same without JSON's forbidden control characters
 
 
 def grammar_for(response_format: dict | None) -> str | None:
@@ -57,7 +59,10 @@ def _schema_grammar(json_schema) -> str:
                        param=f"{param}.schema")
     try:
         # The converter takes JSON text (and so cannot modify the request's dict).
-        return json_schema_to_gbnf(json.dumps(schema))
+        grammar = json_schema_to_gbnf(json.dumps(schema))
     except Exception as error:  # it reports problems as ValueError, KeyError, AssertionError, ...
         raise ApiError(400, f"{param}.schema cannot be turned into a grammar: {type(error).__name__}: {error}",
                        param=f"{param}.schema") from error
+    # The converter's string characters admit raw control characters (a newline inside a string),
+    # which no JSON parser accepts; its own JSON grammar leaves them out, as JSON does.
+    return grammar.replace(ANY_STRING_CHAR, JSON_STRING_CHAR)
