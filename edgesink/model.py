@@ -36,7 +36,8 @@ class Offload:
 
     @property
     def on_gpu(self) -> bool:
-        return bool(self.devices) and self.layers > 0
+        """Whether layers went to a device other than the CPU (``device="CPU"`` names the CPU itself)."""
+        return self.layers > 0 and any(not d.startswith("CPU") for d in self.devices)
 
     def __str__(self) -> str:
         if not self.on_gpu:
@@ -91,7 +92,7 @@ class Model:
         params.load_mode = LOAD_MODE_MMAP if use_mmap else LOAD_MODE_NONE
         self._devices = _device_list(device)  # NULL-terminated; kept alive while llama.cpp may read it
         if self._devices is not None:
-            params.devices = ctypes.cast(self._devices, ctypes.POINTER(ctypes.c_void_p))
+            params.devices = ctypes.cast(self._devices, ctypes.c_void_p)  # declared void * by the bindings
         with _native.captured_log() as log:
             self._model = C.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
