@@ -23,7 +23,7 @@ import numpy as np
 
 import edgesink
 from edgesink import bindings
-from edgesink.bench.machine import publish
+from edgesink.bench.machine import publish, repo_relative
 from edgesink.corpus import austen_text
 
 
@@ -92,7 +92,7 @@ def main():
             for n in args.n_ctx.split(",")]
     command = "python benchmarks/headline.py " + " ".join(sys.argv[1:])
     publish({"command": command, "steps": args.steps if args.what == "latency" else None, "threads": args.threads,
-             "library": str(bindings.LIBRARY_FOLDER), "runs": runs}, args.json)
+             "library": repo_relative(bindings.LIBRARY_FOLDER), "runs": runs}, args.json)
 
 
 if __name__ == "__main__":

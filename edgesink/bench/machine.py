@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import platform
 import time
@@ -54,6 +55,14 @@ def describe_machine(threads: int | None = None) -> dict:
 def summary_line(machine: dict) -> str:
     return (f"{machine['cpu']}, {machine['cores']} cores ({machine['threads']} threads used), "
             f"{machine['memory_gib']} GiB, {machine['os']}, Python {machine['python']}")
+
+
+def repo_relative(path) -> str:
+    """A path as committed results should name it: relative to the repository when inside it (this
+    machine's absolute paths mean nothing elsewhere), else as given."""
+    root = Path(__file__).resolve().parents[2]
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(path)
 
 
 def publish(report: dict, json_path: str | None = None) -> None:
