@@ -180,16 +180,22 @@ $(GPU_LIB): $(NATIVE_INPUTS) | $(VENV)/.bindings-installed
 	cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release $(GPU_CMAKE_ARGS) -DPython3_EXECUTABLE=$(abspath $(PY))
 	cmake --build build/gpu -j
 	cmake --install build/gpu --prefix build/gpu --component edgesink
-	cmake --install build/gpu --prefix build/gpu/prefix   # ggml's CMake package, for the stock build below
 
-# LLAMA_USE_SYSTEM_GGML: the stock libllama links the ggml just built, so both libraries run the same kernels.
-$(GPU_STOCK_LIB): $(GPU_LIB)
-	cmake -S . -B build/gpu-stock -G Ninja -DCMAKE_BUILD_TYPE=Release -DEDGESINK_PATCHES=OFF \
-	      -DLLAMA_USE_SYSTEM_GGML=ON -Dggml_DIR=$(abspath build/gpu/prefix/lib/cmake/ggml) \
+# $(call stock-beside,BUILD,STOCK): a stock libllama in STOCK linked against the ggml built in BUILD
+# (LLAMA_USE_SYSTEM_GGML: only llama.cpp's src/ compiles), with BUILD's ggml libraries copied beside
+# it, so the two libraries differ only in the K-shift.
+define stock-beside
+	cmake --install $(1) --prefix $(1)/prefix   # ggml's CMake package
+	cmake -S . -B $(2) -G Ninja -DCMAKE_BUILD_TYPE=Release -DEDGESINK_PATCHES=OFF \
+	      -DLLAMA_USE_SYSTEM_GGML=ON -Dggml_DIR=$(abspath $(1)/prefix/lib/cmake/ggml) \
 	      -DPython3_EXECUTABLE=$(abspath $(PY))
-	cmake --build build/gpu-stock -j
-	cmake --install build/gpu-stock --prefix build/gpu-stock --component edgesink
-	cp $(filter-out %/libllama.so,$(wildcard build/gpu/lib/*.so)) build/gpu-stock/lib/
+	cmake --build $(2) -j
+	cmake --install $(2) --prefix $(2) --component edgesink
+	cp $(filter-out %/libllama.so,$(wildcard $(1)/lib/*.so)) $(2)/lib/
+endef
+
+$(GPU_STOCK_LIB): $(GPU_LIB)
+	$(call stock-beside,build/gpu,build/gpu-stock)
 
 # The Vulkan check, on any machine: Mesa's lavapipe is a Vulkan driver that runs on the CPU, so the
 # GPU code path (weights and KV cache in device buffers, the K-shift and cell moves as device graphs)
@@ -214,13 +220,6 @@ $(VULKAN_LIB): $(NATIVE_INPUTS) | $(VENV)/.bindings-installed
 	cmake --build build/vulkan -j
 	cmake --install build/vulkan --prefix build/vulkan --component edgesink
 
-# The stock libllama against that same Vulkan ggml (only llama.cpp's src/ compiles), for the bitwise
-# comparison of the two K-shifts on the device.
+# The stock libllama against that same Vulkan ggml, for the bitwise comparison of the two K-shifts on the device.
 $(VULKAN_STOCK_LIB): $(VULKAN_LIB)
-	cmake --install build/vulkan --prefix build/vulkan/prefix   # ggml's CMake package
-	cmake -S . -B build/vulkan-stock -G Ninja -DCMAKE_BUILD_TYPE=Release -DEDGESINK_PATCHES=OFF \
-	      -DLLAMA_USE_SYSTEM_GGML=ON -Dggml_DIR=$(abspath build/vulkan/prefix/lib/cmake/ggml) \
-	      -DPython3_EXECUTABLE=$(abspath $(PY))
-	cmake --build build/vulkan-stock -j
-	cmake --install build/vulkan-stock --prefix build/vulkan-stock --component edgesink
-	cp $(filter-out %/libllama.so,$(wildcard build/vulkan/lib/*.so)) build/vulkan-stock/lib/
+	$(call stock-beside,build/vulkan,build/vulkan-stock)

@@ -49,7 +49,8 @@ def loaded_libraries(maps: str | None = None) -> dict[str, list[Path]]:
         maps = MAPS.read_text()
     found: dict[str, list[Path]] = {}
     for line in maps.splitlines():
-        path = line.split(maxsplit=5)[5] if len(line.split(maxsplit=5)) == 6 else ""
+        fields = line.split(maxsplit=5)  # address, perms, offset, device, inode, path (absent for anonymous maps)
+        path = fields[5] if len(fields) == 6 else ""
         name = Path(path).name
         if path.startswith("/") and NATIVE_NAME.fullmatch(name):
             paths = found.setdefault(name, [])

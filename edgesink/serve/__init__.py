@@ -20,7 +20,7 @@ import uvicorn
 
 from .access import Access
 from .app import ServeLimits, Server, create_app
-from .connections import HeaderTimeoutProtocol
+from .connections import with_header_timeout
 from .guard import RequestGuard
 from .pool import SessionPool
 
@@ -59,9 +59,9 @@ def run(model, config, *, listening: Listening, slots: int, sessions_dir: Path |
 
     app = RequestGuard(create_app(server, lifespan=announce), bind=listening.host,
                        allowed_hosts=listening.allowed_hosts, cors_origins=listening.cors_origins)
-    HeaderTimeoutProtocol.header_timeout = listening.header_timeout
     uvicorn_config = uvicorn.Config(
-        app, host=listening.host, port=listening.port, log_level="warning", http=HeaderTimeoutProtocol,
+        app, host=listening.host, port=listening.port, log_level="warning",
+        http=with_header_timeout(listening.header_timeout),
         limit_concurrency=listening.max_connections, timeout_keep_alive=5,
         timeout_graceful_shutdown=listening.shutdown_timeout / 2)
     http = _StoppingServer(uvicorn_config, server)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class ApiError(Exception):
     """A request the server refuses: ``status`` and an OpenAI-shaped error body."""
@@ -17,3 +19,11 @@ class ApiError(Exception):
 
 def bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
+
+
+PATH_LIKE = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s'\"/:]+){2,}/?")
+
+
+def without_paths(message: str) -> str:
+    """A message with the server's file paths taken out: a client need not learn them."""
+    return PATH_LIKE.sub("<path>", message)

@@ -26,8 +26,8 @@ from starlette.routing import Route
 
 from ..errors import Cancelled, ContextFullError, EdgesinkError, TemplateRenderError
 from .access import Access
-from .api_errors import ApiError
-from .pool import ANONYMOUS_PREFIX, Conversation, SessionPool, without_paths
+from .api_errors import ApiError, without_paths
+from .pool import ANONYMOUS_PREFIX, Conversation, SessionPool
 from .requests import SESSION_HEADER, SESSION_NAME_RULE, RequestRules, chat_request, completion_request, parse_json, \
     valid_name
 from .turns import PromptLimits, Turn, chat_turn, completion_turn, reusable

@@ -16,7 +16,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 class HeaderTimeoutProtocol(H11Protocol):
     """uvicorn's h11 protocol, closing connections that do not send their headers in time."""
 
-    header_timeout = 10.0  # set by the server before it starts (a class attribute: uvicorn builds each)
+    header_timeout = 10.0  # seconds; uvicorn builds the protocol itself, so a server sets it with :func:`with_header_timeout`
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
@@ -49,3 +49,8 @@ class HeaderTimeoutProtocol(H11Protocol):
         self._header_timer = None
         if self.cycle is None or self.cycle.response_complete:
             self.transport.close()
+
+
+def with_header_timeout(seconds: float) -> type[HeaderTimeoutProtocol]:
+    """The protocol class for a server whose connections get ``seconds`` to send their headers."""
+    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout": seconds})

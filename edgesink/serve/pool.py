@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import tempfile
 import threading
 import time
@@ -26,6 +25,7 @@ from ..contexts import SharedContext
 from ..errors import Cancelled, EdgesinkError
 from ..session import Session
 from .access import LOCAL
+from .api_errors import without_paths
 
 SNAPSHOT_SUFFIX = ".session"
 ANONYMOUS_PREFIX = "~"  # client names cannot begin with it
@@ -229,7 +229,8 @@ class SessionPool:
         """Remove the oldest snapshots of conversations not in use until they fit in ``max_bytes``."""
         if self.max_bytes is None:
             return
-        files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.sessions_dir.rglob(f"*{SNAPSHOT_SUFFIX}")]
+        stats = [(p.stat(), p) for p in self.sessions_dir.rglob(f"*{SNAPSHOT_SUFFIX}")]
+        files = [(st.st_mtime, st.st_size, p) for st, p in stats]
         total = sum(size for _, size, _ in files)
         with self._guard:
             busy = {self.path_of(c) for c in self._conversations.values() if c.session is not None or c.users}
@@ -340,11 +341,3 @@ class SessionPool:
 
 def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
-
-
-PATH_LIKE = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s'\"/:]+){2,}/?")
-
-
-def without_paths(message: str) -> str:
-    """A message with the server's file paths taken out: a client need not learn them."""
-    return PATH_LIKE.sub("<path>", message)
