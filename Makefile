@@ -199,10 +199,9 @@ $(GPU_STOCK_LIB): $(GPU_LIB)
 
 # The Vulkan check, on any machine: Mesa's lavapipe is a Vulkan driver that runs on the CPU, so the
 # GPU code path (weights and KV cache in device buffers, the K-shift and cell moves as device graphs)
-# is tested in every CI run. Builds the Vulkan configuration beside the CPU one (build/vulkan/lib,
-# patch marker and all), then runs the tests marked 'vulkan' against it with every layer offloaded;
-# each asserts first that the layers went to the Vulkan device. Debian packages (the README names
-# them; .ci/run installs them): libvulkan-dev glslc spirv-headers glslang-tools mesa-vulkan-drivers.
+# is tested in every CI run. Runs the tests marked 'vulkan' against build/vulkan/lib with every layer
+# offloaded; each asserts first that the layers went to the Vulkan device. Debian packages (the README
+# names them; .ci/run installs them): libvulkan-dev glslc spirv-headers glslang-tools mesa-vulkan-drivers.
 # GGML_VK_VISIBLE_DEVICES=0: ggml skips CPU-type Vulkan devices such as lavapipe unless asked for one.
 # MESA_SHADER_CACHE_DIR: lavapipe compiles each pipeline on first use (minutes in all); the tests'
 # own HOME is a fresh folder each time, so the cache lives here and the child processes share it.
@@ -215,11 +214,27 @@ vulkan-check: setup $(VENV)/.test-deps $(CORPUS) $(VULKAN_LIB) $(VULKAN_STOCK_LI
 	MESA_SHADER_CACHE_DIR=$(abspath build/mesa-shader-cache) \
 	    $(PY) -m pytest -p no:xdist -m vulkan -v -rA --durations=5 $(VULKAN_TEST_ARGS) tests/test_vulkan.py
 
-$(VULKAN_LIB): $(NATIVE_INPUTS) | $(VENV)/.bindings-installed
-	cmake -S . -B build/vulkan -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_VULKAN=ON -DPython3_EXECUTABLE=$(abspath $(PY))
-	cmake --build build/vulkan -j
-	cmake --install build/vulkan --prefix build/vulkan --component edgesink
+# Only ggml is built for Vulkan (the patched tree, so its commit is the one libllama records): llama.cpp's
+# src/ has no backend-specific code (GGML_USE_VULKAN appears only in ggml's backend registry), so the
+# set-up's patched libllama and the stock one (build/stock) are used as they are, each beside a copy of
+# these ggml libraries. The two folders differ only in libllama, and the check skips compiling llama.cpp
+# twice more. BUILD_WITH_INSTALL_RPATH: the libraries find each other through $$ORIGIN once copied.
+VULKAN_GGML := build/vulkan/bin/libggml-vulkan.so
+$(VULKAN_GGML): $(NATIVE_INPUTS) | $(VENV)/.bindings-installed
+	cmake -S . -B build/vulkan -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_VULKAN=ON \
+	      -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DPython3_EXECUTABLE=$(abspath $(PY))
+	cmake --build build/vulkan --target ggml -j
 
-# The stock libllama against that same Vulkan ggml, for the bitwise comparison of the two K-shifts on the device.
-$(VULKAN_STOCK_LIB): $(VULKAN_LIB)
-	$(call stock-beside,build/vulkan,build/vulkan-stock)
+# $(call beside-vulkan-ggml,LIBLLAMA,FOLDER): FOLDER holds LIBLLAMA and the Vulkan ggml libraries.
+define beside-vulkan-ggml
+	rm -rf $(2) && mkdir -p $(2)
+	cp build/vulkan/bin/libggml*.so $(2)/
+	cp $(1) $(2)/libllama.so
+endef
+
+$(VULKAN_LIB): $(VULKAN_GGML) $(VENV)/.edgesink-installed
+	$(call beside-vulkan-ggml,"$$($(PY) -c 'import importlib.metadata as m; \
+	    print(m.distribution("edgesink").locate_file("edgesink/lib/libllama.so"))')",build/vulkan/lib)
+
+$(VULKAN_STOCK_LIB): $(VULKAN_GGML) $(STOCK_LIB)
+	$(call beside-vulkan-ggml,$(STOCK_LIB),build/vulkan-stock/lib)
