@@ -257,6 +257,56 @@ def test_patched_shift_is_bitwise_the_stock_shift(model_path, type_k):
         assert np.array_equal(np.array(patched["logits"][mode]), np.array(stock["logits"][mode])), mode
 
 
+REUSE_SCRIPT = """
+import sys, json, edgesink
+from edgesink import bindings
+m = edgesink.load(sys.argv[1])
+tokens = m.tokenize(sys.argv[2])
+out = {}
+for mode in ("kept-forward", "window-back"):
+    with m.session(n_ctx=64, policy="sink", sinks=4, batch_size=16, n_threads=1, shift_mode=mode,
+                   refresh_every=10**9, rebase_every=10**9) as s:
+        s.feed_tokens(tokens[:64])
+        def reused(step):
+            before = bindings.C.llama_perf_context(s.cache.ctx).n_reused
+            step()
+            return bindings.C.llama_perf_context(s.cache.ctx).n_reused - before
+        dense = [reused(s.cache.redecode_newest) for _ in range(6)]
+        evict = [reused(lambda i=i: s.feed_tokens([tokens[64 + i]])) for i in range(6)]
+        assert s.stats.evictions == 6
+    out[mode] = {"dense": dense, "evict": evict}
+print(json.dumps({"patch": edgesink._native.patch_level(), "reused": out}))
+"""
+
+
+def _graphs_reused(lib_path, model_path):
+    env = dict(os.environ)
+    if lib_path:
+        env["EDGESINK_LIB_PATH"] = str(lib_path)
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", REUSE_SCRIPT, str(model_path), TEXT * 2],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_a_step_after_a_k_shift_reuses_the_decode_graph(model_path):
+    """One-token eviction reuses llama.cpp's compute graph as a dense step does (patch 0006).
+
+    The K-shift runs on its own scheduler, so the graph of the step before survives it; stock llama.cpp
+    computes the shift on the decode's scheduler and rebuilds the graph on every step after one, which
+    is also what shows that this count can fail. That the reused graph computes the right logits is
+    test_patched_shift_is_bitwise_the_stock_shift's part (the stock library rebuilds every graph).
+    """
+    assert (STOCK_LIB / "libllama.so").exists(), "build the stock library first: make stock-lib"
+    patched, stock = _graphs_reused(None, model_path), _graphs_reused(STOCK_LIB, model_path)
+    assert patched["patch"] >= 6 and stock["patch"] == 0
+    for mode in ("kept-forward", "window-back"):
+        # after the prompt's 16-token batches, the first dense step builds its graph; the rest reuse one
+        assert patched["reused"][mode]["dense"] == stock["reused"][mode]["dense"] == [0, 1, 1, 1, 1, 1], mode
+        assert patched["reused"][mode]["evict"] == [1] * 6, mode
+        assert stock["reused"][mode]["evict"] == [0] * 6, mode
+
+
 STOCK_USE_SCRIPT = """
 import sys, edgesink
 for _ in range(2):  # two loads, two streams that evict: one warning
