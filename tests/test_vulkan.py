@@ -56,7 +56,7 @@ def cpu_random(random_model):
         yield m
 
 
-def test_the_vulkan_build_offloads_to_lavapipe_and_info_says_so(vk_model):
+def test_the_vulkan_build_offloads_to_lavapipe_and_info_says_so(vk_model, measured):
     info = subprocess.run([str(Path(sys.executable).with_name("edgesink")), "info", "--json"],
                           capture_output=True, text=True, timeout=300)
     assert info.returncode == 0, info.stderr[-2000:]
@@ -65,6 +65,7 @@ def test_the_vulkan_build_offloads_to_lavapipe_and_info_says_so(vk_model):
     vulkan = [d for d in data["devices"] if d["name"].startswith("Vulkan")]
     assert vulkan and "llvmpipe" in vulkan[0]["description"]  # lavapipe: Mesa's software Vulkan
     assert data["layers_go_to"].startswith("Vulkan0") and data["library_check"]["problems"] == []
+    measured("layers", str(vk_model.offload))  # the log shows the device every other test here ran on
 
 
 def test_without_the_device_variable_the_cpu_fallback_is_a_warning(model_path):
