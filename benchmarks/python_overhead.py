@@ -34,7 +34,7 @@ NATIVE_CALLS = ("llama_decode", "llama_sampler_sample", "llama_sampler_accept", 
 def raw_feed(session, tokens, batch_size) -> float:
     """Feed like the Session does (evict, move the kept cells forward, decode), with bare bindings."""
     cache = session.cache
-    ctx, mem, n_ctx = cache.ctx, cache.mem, session.n_ctx
+    ctx, mem, seq, n_ctx = cache.ctx, cache.mem, cache.seq, session.n_ctx
     batch = C.llama_batch_init(batch_size, 0, 1)
     w0, n_window = N_KEPT, -N_KEPT  # the first batch's first tokens become the kept ones
     start = time.perf_counter()
@@ -42,14 +42,14 @@ def raw_feed(session, tokens, batch_size) -> float:
         chunk = tokens[b0:b0 + batch_size]
         excess = N_KEPT + n_window + len(chunk) - n_ctx
         if excess > 0:
-            C.llama_memory_seq_rm(mem, 0, w0, w0 + excess)
-            C.llama_memory_seq_add(mem, 0, w0 - N_KEPT, w0, excess)
+            C.llama_memory_seq_rm(mem, seq, w0, w0 + excess)
+            C.llama_memory_seq_add(mem, seq, w0 - N_KEPT, w0, excess)
             w0 += excess
             n_window -= excess
         pos0 = w0 + n_window
         for i, t in enumerate(chunk):
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, pos0 + i, 1
-            batch.seq_id[i][0], batch.logits[i] = 0, i == len(chunk) - 1
+            batch.seq_id[i][0], batch.logits[i] = seq, i == len(chunk) - 1
         batch.n_tokens = len(chunk)
         assert C.llama_decode(ctx, batch) == 0
         n_window += len(chunk)
@@ -123,24 +123,25 @@ def accounted_python_ms(session, n) -> dict:
 def raw_generate_step_times(session, n) -> list[float]:
     """Sample, evict one token moving the kept cells forward, decode: the Session's step, bare."""
     cache = session.cache
-    ctx, mem = cache.ctx, cache.mem
+    ctx, mem, seq, layout = cache.ctx, cache.mem, cache.seq, cache.layout
     batch = C.llama_batch_init(1, 0, 1)
     times = []
     with Sampler(SamplingParams(top_k=1)) as sampler:
         for _ in range(n):
             start = time.perf_counter()
             token = sampler.sample(ctx)
-            w0 = cache.w0
-            C.llama_memory_seq_rm(mem, 0, w0, w0 + 1)
-            C.llama_memory_seq_add(mem, 0, w0 - N_KEPT, w0, 1)
+            w0 = layout.w0
+            C.llama_memory_seq_rm(mem, seq, w0, w0 + 1)
+            C.llama_memory_seq_add(mem, seq, w0 - N_KEPT, w0, 1)
             batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.seq_id[0][0], batch.logits[0] = \
-                token, cache.next_pos, 1, 0, 1
+                token, layout.next_pos, 1, seq, 1
             batch.n_tokens = 1
             assert C.llama_decode(ctx, batch) == 0
-            # Keep the Session's bookkeeping in step, so its own steps that follow stay valid.
-            cache.w0 += 1
-            cache.window.popleft()
-            cache.window.append(token)
+            # Keep the Session's bookkeeping in step (the layout's own fields: the cache only shows
+            # them), so its own steps that follow stay valid.
+            layout.w0 += 1
+            layout.window.popleft()
+            layout.window.append(token)
             times.append(time.perf_counter() - start)
     C.llama_batch_free(batch)
     return times

@@ -16,7 +16,6 @@ tokens of its sequence, move or remove its cells, save or restore its cells. Two
 from __future__ import annotations
 
 import ctypes
-import struct
 import threading
 import time
 from contextlib import nullcontext
@@ -24,16 +23,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import seqstate
 from ._native import C
-from .errors import (ClosedError, ContextCreationError, DecodeError, NoFreeSlotError, SessionFileError, SettingsError,
+from .errors import (ClosedError, ContextCreationError, DecodeError, NoFreeSlotError, SettingsError,
                      UnsupportedModelError)
 from .options import CACHE_TYPES, default_threads
 
-STREAM_SEQ = 0  # an own context's stream lives in sequence 0
+STREAM_SEQ = seqstate.ONE_STREAM_SEQ  # an own context's stream lives in sequence 0, as saved states name it
 SCRATCH_SEQ = 1  # and its kept tokens are re-encoded in sequence 1, then handed to sequence 0
-
-_STREAM_COUNT = struct.Struct("<I")  # llama.cpp's n_stream, after the magic and seq_id of a sequence state
-_STATE_HEAD = 8  # uint32 magic, int32 seq_id
 
 
 def context_params(model, config):
@@ -383,12 +380,12 @@ class SharedSlot:
         """The sequence's state in the form a context of one stream writes (so any session loads it)."""
         with self.lock:
             state = _seq_state(self.ctx, self.seq)
-        return _one_stream(state, self.seq, self.owner.slots)
+        return seqstate.one_stream(state, self.seq, self.owner.slots)
 
     def state_set(self, payload: bytearray) -> int:
         """Put a one-stream sequence state (:meth:`state_get`, or a lone session's) into this sequence;
         how many bytes of ``payload`` llama.cpp read (0: refused), as :meth:`OwnContext.state_set`."""
-        full = _all_streams(payload, self.seq, self.owner.slots)
+        full = seqstate.all_streams(payload, self.seq, self.owner.slots)
         with self.lock:
             C.llama_memory_seq_rm(self.mem, self.seq, -1, -1)
             n_read = C.llama_state_seq_set_data(self.ctx, _uint8_view(full), len(full), self.seq)
@@ -401,26 +398,6 @@ class SharedSlot:
 
 
 # -- sequence states ---------------------------------------------------------------------------------
-# llama_state_seq_get_data writes: uint32 magic, int32 seq_id, uint32 n_stream, then per stream a
-# uint32 cell count and that many cells. A shared context has a stream per sequence, all but one empty
-# (count 0); a lone context has one stream. Saved files always hold the one-stream form, with seq_id 0.
-
-def _one_stream(state: bytearray, seq: int, n_stream: int) -> bytearray:
-    head, body = state[:_STATE_HEAD], state[_STATE_HEAD + _STREAM_COUNT.size:]
-    before, after = 4 * seq, 4 * (n_stream - 1 - seq)
-    if any(body[:before]) or (after and any(body[len(body) - after:])):
-        raise SessionFileError("llama.cpp wrote a sequence state with cells in another sequence's stream")
-    struct.pack_into("<i", head, 4, STREAM_SEQ)
-    return head + _STREAM_COUNT.pack(1) + body[before:len(body) - after]
-
-
-def _all_streams(payload: bytearray, seq: int, n_stream: int) -> bytearray:
-    if len(payload) < _STATE_HEAD + _STREAM_COUNT.size or _STREAM_COUNT.unpack_from(payload, _STATE_HEAD)[0] != 1:
-        raise SessionFileError("the saved cache state is not that of one stream")
-    head, body = bytearray(payload[:_STATE_HEAD]), payload[_STATE_HEAD + _STREAM_COUNT.size:]
-    struct.pack_into("<i", head, 4, seq)
-    return head + _STREAM_COUNT.pack(n_stream) + bytes(4 * seq) + body + bytes(4 * (n_stream - 1 - seq))
-
 
 def _seq_state(ctx, seq: int) -> bytearray:
     size = C.llama_state_seq_get_size(ctx, seq)

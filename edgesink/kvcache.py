@@ -51,7 +51,8 @@ def _layout_view(name: str, doc: str) -> property:
 
 
 class StreamCache:
-    """Owns one llama.cpp context and keeps it in sync with a :class:`~edgesink.layout.CacheLayout`.
+    """Owns one slot of a llama.cpp context (a context of its own, or a sequence of a shared one) and
+    keeps its cells in sync with a :class:`~edgesink.layout.CacheLayout`.
 
     The layout decides (``kept + window`` and their positions); this class decodes and carries out
     the memory operations the layout returns, each change inside :func:`deferred_interrupt` so
@@ -125,7 +126,7 @@ class StreamCache:
         self.has_logits = False
 
     def llama_pos_range(self) -> tuple[int, int]:
-        """(min, max) position of sequence 0 as llama.cpp reports it; (-1, -1) when empty."""
+        """(min, max) position of this cache's sequence as llama.cpp reports it; (-1, -1) when empty."""
         with self.slot.lock:
             return (C.llama_memory_seq_pos_min(self.mem, self.seq), C.llama_memory_seq_pos_max(self.mem, self.seq))
 

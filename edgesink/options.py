@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import _native
-from ._native import C
+from . import _native, seqstate
 from .errors import SettingsError
 
 if TYPE_CHECKING:
@@ -85,7 +84,4 @@ def check_n_ctx(model: "Model", n_ctx: int, type_k: str, type_v: str) -> None:
 
 def estimate_kv_bytes(model: "Model", n_ctx: int, bytes_per_value: float = 2.0) -> int:
     """Bytes of a KV cache of n_ctx tokens (K and V, all layers); F16 unless told the bytes per value."""
-    n_embd = C.llama_model_n_embd(model.handle)
-    n_head = max(1, C.llama_model_n_head(model.handle))
-    n_head_kv = C.llama_model_n_head_kv(model.handle) or n_head
-    return int(2 * n_ctx * model.n_layer * (n_embd // n_head) * n_head_kv * bytes_per_value)
+    return int(n_ctx * seqstate.kv_bytes_per_cell(model, bytes_per_value, bytes_per_value))

@@ -35,10 +35,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import _native
+from . import _native, seqstate
 from ._native import C
 from .errors import SessionFileError, SessionSaveError
-from .kvcache import STREAM_SEQ, deferred_interrupt
+from .kvcache import deferred_interrupt
 from .policies import ContextPolicy, policy_from_dict
 
 __all__ = ["SessionFileError", "SessionSaveError", "load_session", "read_session_file", "read_session_header",
@@ -248,22 +248,9 @@ def _payload_limit(session) -> int:
     K and V rows of n_ctx cells in every layer plus the cells' metadata, doubled for the layers
     that have more KV heads than the first (the only count llama.cpp reports), plus the headers.
     """
-    model = session.model
-    n_head = max(1, C.llama_model_n_head(model.handle))
-    n_head_kv = max(1, C.llama_model_n_head_kv(model.handle))
-    head_dim = C.llama_model_n_embd(model.handle) // n_head
-    key = _metadata_int(model, "attention.key_length", head_dim)
-    value = _metadata_int(model, "attention.value_length", head_dim)
     bytes_k, bytes_v = (_BYTES_PER_VALUE.get(t, 2) for t in (session.type_k, session.type_v))
-    per_cell = model.n_layer * n_head_kv * (key * bytes_k + value * bytes_v) + 64
-    return 2 * session.n_ctx * per_cell + (1 << 20)
-
-
-def _metadata_int(model, key: str, default: int) -> int:
-    try:
-        return int(model.metadata(f"{model.architecture}.{key}"))
-    except (TypeError, ValueError):
-        return default
+    per_cell = seqstate.kv_bytes_per_cell(session.model, bytes_k, bytes_v) + 64
+    return int(2 * session.n_ctx * per_cell) + (1 << 20)
 
 
 def _read_payload(f, header: dict, path: Path) -> bytearray:
@@ -337,32 +324,15 @@ def _options_problem(options, n_ctx: int) -> bool:
     return options.get("batch_size", 1) > n_ctx
 
 
-_SEQ_STATE_MAGIC = 0xAF143CD8  # llama.cpp's io_magic at the start of a sequence state
-_SEQ_STATE_HEAD = struct.Struct("<IiII")  # magic, seq_id, n_stream, cell_count
-_SEQ_STATE_CELL = struct.Struct("<iIi")  # pos, n_seq_id, seq_id
-
-
 def _check_payload_layout(path: Path, header: dict, payload) -> None:
-    """The cell list at the start of llama.cpp's sequence state must match edgesink's bookkeeping.
-
-    A checksum only catches accidents; this catches a payload that does not describe this stream
-    (llama.cpp asserts on some inconsistent cell lists) before llama.cpp parses it.
-    """
+    """The cell list at the start of llama.cpp's sequence state must match edgesink's bookkeeping."""
     try:
         state = header["state"]
         n_kept, w0 = len(state["kept"]), int(state["w0"])
-        expected = set(range(w0 - n_kept, w0 + len(state["window"])))
-        magic, seq_id, n_stream, n_cells = _SEQ_STATE_HEAD.unpack_from(payload, 0)
-        cells = [_SEQ_STATE_CELL.unpack_from(payload, _SEQ_STATE_HEAD.size + i * _SEQ_STATE_CELL.size)
-                 for i in range(min(n_cells, len(expected) + 1))]
-    except (KeyError, TypeError, ValueError, struct.error):
-        raise SessionFileError(f"{path} is corrupt (the cache state does not start with a cell list)") from None
-    if magic != _SEQ_STATE_MAGIC or seq_id != STREAM_SEQ or n_stream != 1:
-        raise SessionFileError(f"{path} holds a cache state this llama.cpp does not write "
-                               f"(magic {magic:#x}, sequence {seq_id}, {n_stream} streams)")
-    if n_cells != len(expected) or {pos for pos, _, _ in cells} != expected or any(n != 1 for _, n, _ in cells):
-        raise SessionFileError(f"{path} is inconsistent: its cache state holds {n_cells} cells that do not "
-                               f"match the {len(expected)} tokens of its bookkeeping")
+        positions = set(range(w0 - n_kept, w0 + len(state["window"])))
+    except (KeyError, TypeError, ValueError):
+        raise SessionFileError(f"{path} is corrupt (its bookkeeping does not describe a cache)") from None
+    seqstate.check_cell_list(payload, positions, str(path))
 
 
 def _header(session, payload: bytes) -> dict:

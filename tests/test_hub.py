@@ -278,3 +278,16 @@ def test_models_lists_a_split_whose_cached_parts_are_incomplete(hub, tmp_path):
     result = CliRunner().invoke(main, ["models"])
     assert result.exit_code == 0, result.output
     assert f"acme/big-GGUF/{parts[0].name}" in result.output
+
+
+def test_a_relative_model_path_comes_back_absolute(tmp_path, monkeypatch):
+    """A path typed relative to the user's folder keeps naming the file where the benchmark's worker
+    processes run (another folder): it is made absolute where it enters."""
+    (tmp_path / "models").mkdir()
+    model_file = tmp_path / "models" / "mine.gguf"
+    model_file.write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)
+    resolved = resolve_model("models/mine.gguf")
+    assert resolved.is_absolute() and resolved == model_file.resolve()
+    monkeypatch.chdir("/")
+    assert resolved.exists()

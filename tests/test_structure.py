@@ -175,7 +175,8 @@ def test_no_import_cycles_between_modules():
 
 
 ENGINE = ("edgesink.model", "edgesink.session", "edgesink.kvcache", "edgesink.layout", "edgesink.policies",
-          "edgesink.config", "edgesink.persistence", "edgesink.chat", "edgesink.contexts", "edgesink.sampling")
+          "edgesink.config", "edgesink.persistence", "edgesink.chat", "edgesink.contexts", "edgesink.sampling",
+          "edgesink.seqstate")
 ABOVE_THE_ENGINE = ("edgesink.fetch", "edgesink.loading", "edgesink.cli", "edgesink.bench", "edgesink.serve")
 
 

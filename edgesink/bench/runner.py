@@ -85,7 +85,8 @@ def run_benchmark(config: BenchConfig, *, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model(config.model)
     machine = describe_machine(config.threads)
-    stock_lib = config.stock_lib if config.stock_lib and Path(config.stock_lib).is_dir() else None
+    # absolute: the workers that load it run in another folder
+    stock_lib = str(Path(config.stock_lib).resolve()) if config.stock_lib and Path(config.stock_lib).is_dir() else None
     config = dataclasses.replace(config, stock_lib=stock_lib)
     jobs = plan(config)
     needed = max(config.tokens, config.soak, max(config.n_ctx) + config.feed_tokens + config.gen_tokens + 1)

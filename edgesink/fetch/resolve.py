@@ -21,7 +21,8 @@ def resolve_model(spec: "str | os.PathLike | None") -> Path:
     text = os.fspath(spec)
     path = Path(text).expanduser()
     if path.exists():
-        return path
+        # absolute where a user's path enters: child processes (the benchmark's workers) run elsewhere
+        return path.resolve()
     registry = load_registry()
     if text in registry:
         entry = registry[text]

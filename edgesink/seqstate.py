@@ -1,0 +1,86 @@
+"""llama.cpp's sequence-state bytes and the KV cache's size: the one module that knows either.
+
+``llama_state_seq_get_data`` writes a uint32 magic, an int32 seq_id, a uint32 n_stream, then per
+stream a uint32 cell count and that many cells (int32 pos, uint32 n_seq_id, the seq_ids), then the
+K and V rows. A shared context has a stream per sequence, all but one empty (count 0); a lone
+context has one stream. Session files always hold the one-stream form, with seq_id 0.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from ._native import C
+from .errors import SessionFileError
+
+if TYPE_CHECKING:
+    from .model import Model
+
+MAGIC = 0xAF143CD8  # llama.cpp's io_magic at the start of a sequence state
+ONE_STREAM_SEQ = 0  # the seq_id of the one-stream form (an own context's stream)
+_HEAD = struct.Struct("<Ii")  # magic, seq_id
+_COUNT = struct.Struct("<I")  # n_stream, and each stream's cell count
+_CELL = struct.Struct("<iIi")  # pos, n_seq_id, seq_id (cells of one sequence have one seq_id)
+
+
+def one_stream(state: bytearray, seq: int, n_stream: int) -> bytearray:
+    """The one-stream form of the state of sequence ``seq`` of a context of ``n_stream`` streams."""
+    head, body = state[:_HEAD.size], state[_HEAD.size + _COUNT.size:]
+    before, after = _COUNT.size * seq, _COUNT.size * (n_stream - 1 - seq)
+    if any(body[:before]) or (after and any(body[len(body) - after:])):
+        raise SessionFileError("llama.cpp wrote a sequence state with cells in another sequence's stream")
+    struct.pack_into("<i", head, 4, ONE_STREAM_SEQ)
+    return head + _COUNT.pack(1) + body[before:len(body) - after]
+
+
+def all_streams(payload: bytearray, seq: int, n_stream: int) -> bytearray:
+    """The one-stream ``payload`` as the state of sequence ``seq`` of a context of ``n_stream`` streams."""
+    if len(payload) < _HEAD.size + _COUNT.size or _COUNT.unpack_from(payload, _HEAD.size)[0] != 1:
+        raise SessionFileError("the saved cache state is not that of one stream")
+    head, body = bytearray(payload[:_HEAD.size]), payload[_HEAD.size + _COUNT.size:]
+    struct.pack_into("<i", head, 4, seq)
+    empty = _COUNT.pack(0)
+    return head + _COUNT.pack(n_stream) + empty * seq + body + empty * (n_stream - 1 - seq)
+
+
+def check_cell_list(payload, positions: set[int], where: str) -> None:
+    """A one-stream ``payload`` must hold exactly one cell at each of ``positions``, of one sequence.
+
+    A checksum only catches accidents; this catches a payload that does not describe the stream its
+    bookkeeping describes (llama.cpp asserts on some inconsistent cell lists) before llama.cpp reads it.
+    ``where`` names the payload in the errors (a file).
+    """
+    try:
+        magic, seq_id = _HEAD.unpack_from(payload, 0)
+        n_stream, n_cells = struct.unpack_from("<II", payload, _HEAD.size)
+        first = _HEAD.size + 2 * _COUNT.size
+        cells = [_CELL.unpack_from(payload, first + i * _CELL.size) for i in range(min(n_cells, len(positions) + 1))]
+    except struct.error:
+        raise SessionFileError(f"{where} is corrupt (the cache state does not start with a cell list)") from None
+    if magic != MAGIC or seq_id != ONE_STREAM_SEQ or n_stream != 1:
+        raise SessionFileError(f"{where} holds a cache state this llama.cpp does not write "
+                               f"(magic {magic:#x}, sequence {seq_id}, {n_stream} streams)")
+    if n_cells != len(positions) or {pos for pos, _, _ in cells} != positions or any(n != 1 for _, n, _ in cells):
+        raise SessionFileError(f"{where} is inconsistent: its cache state holds {n_cells} cells that do not "
+                               f"match the {len(positions)} tokens of its bookkeeping")
+
+
+def kv_bytes_per_cell(model: "Model", bytes_k: float, bytes_v: float) -> float:
+    """Bytes of one cell's K and V rows over every layer, at ``bytes_k``/``bytes_v`` per value.
+
+    Layers with more KV heads than the first (the only count llama.cpp reports) are not counted.
+    """
+    n_head = max(1, C.llama_model_n_head(model.handle))
+    n_head_kv = C.llama_model_n_head_kv(model.handle) or n_head
+    head_dim = C.llama_model_n_embd(model.handle) // n_head
+    key = _metadata_int(model, "attention.key_length", head_dim)
+    value = _metadata_int(model, "attention.value_length", head_dim)
+    return model.n_layer * n_head_kv * (key * bytes_k + value * bytes_v)
+
+
+def _metadata_int(model: "Model", key: str, default: int) -> int:
+    try:
+        return int(model.metadata(f"{model.architecture}.{key}"))
+    except (TypeError, ValueError):
+        return default
