@@ -137,10 +137,11 @@ BENCH_RESULTS_ARGS := --tokens 20000 --n-ctx 256,512,1024,2048 --sinks 0,1,2,4,8
 BENCH_SOAK_ARGS := --policies sink --n-ctx 512 --sinks 4 --cache-type-k f16 --evict-chunk 1 --tokens 0 \
                    --stock-lib none --soak $(SOAK) --threads $(BENCH_THREADS)
 
-.PHONY: bench bench-results bench-main bench-soak bench-headline
-# Per-token cost at a full cache, n_ctx 2048 and 8192: a dense step, one-token eviction moving the 4
-# sinks forward and moving the whole window back, interleaved in one run per library (~10 min).
-HEADLINE_ARGS := latency --n-ctx 2048,8192 --steps 40 --threads $(BENCH_THREADS)
+.PHONY: bench bench-results bench-main bench-soak bench-headline bench-headline-vulkan
+# Per-token cost at a full cache, n_ctx 2048 and 8192, 1 and 2 threads: a dense step, one-token eviction
+# moving the 4 sinks forward and moving the whole window back, interleaved in one run per library, with
+# the count of steps that reused llama.cpp's compute graph (~25 min).
+HEADLINE_ARGS := latency --n-ctx 2048,8192 --steps 40 --threads 1,2
 bench-headline: setup $(CORPUS) $(STOCK_LIB)
 	$(PY) benchmarks/headline.py $(HEADLINE_ARGS) --json benchmarks/results/headline_latency_patched.json
 	EDGESINK_LIB_PATH=$(abspath build/stock/lib) $(PY) benchmarks/headline.py $(HEADLINE_ARGS) \
@@ -238,3 +239,11 @@ $(VULKAN_LIB): $(VULKAN_GGML) $(VENV)/.edgesink-installed
 
 $(VULKAN_STOCK_LIB): $(VULKAN_GGML) $(STOCK_LIB)
 	$(call beside-vulkan-ggml,$(STOCK_LIB),build/vulkan-stock/lib)
+
+# The same steps on the Vulkan build, every layer on lavapipe, for the reused-graph counts (its times are
+# a software GPU's and say nothing about a real one).
+bench-headline-vulkan: setup $(CORPUS) $(VULKAN_LIB)
+	EDGESINK_LIB_PATH=$(abspath build/vulkan/lib) GGML_VK_VISIBLE_DEVICES=0 \
+	MESA_SHADER_CACHE_DIR=$(abspath build/mesa-shader-cache) \
+	    $(PY) benchmarks/headline.py latency --n-ctx 512 --steps 6 --threads 2 \
+	    --json benchmarks/results/headline_reuse_vulkan.json

@@ -4,12 +4,14 @@
    all scored on the same uniform sample of positions after the cache first filled;
 2. per-token cost at a full cache: a dense step, one-token eviction moving the 4 sink cells
    forward, and one-token eviction moving the whole window back, interleaved, with this process's
-   libllama (run it again with EDGESINK_LIB_PATH=build/stock/lib for the stock library).
+   libllama (run it again with EDGESINK_LIB_PATH=build/stock/lib for the stock library), and how
+   many of those steps reused llama.cpp's previous compute graph instead of building one.
 
     .venv/bin/python benchmarks/headline.py quality --n-ctx 512 --tokens 20000 --sample 128
-    .venv/bin/python benchmarks/headline.py latency --n-ctx 2048,8192 --steps 40
+    .venv/bin/python benchmarks/headline.py latency --n-ctx 2048,8192 --steps 40 --threads 1,2
 
-`make bench-headline` runs the latency part with the patched and then with the stock library.
+`make bench-headline` runs the latency part with the patched and then with the stock library;
+`make bench-headline-vulkan` counts the reused graphs of the Vulkan build on lavapipe.
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ from edgesink.corpus import austen_text
 
 
 THREADS = None  # set by --threads; a busy machine wants 1 (llama.cpp's threads wait for each other)
-
-
 
 
 def quality(model, n_ctx, n_tokens, n_sample):
@@ -52,12 +52,12 @@ def _graphs_reused(ctx) -> int:
     return int(bindings.C.llama_perf_context(ctx).n_reused)
 
 
-def latency(model, n_ctx, steps):
+def latency(model, n_ctx, steps, threads):
     tokens = model.tokenize(austen_text()[: n_ctx * 6])[: n_ctx + 2 * steps + 8]
     out = {}
     for mode in ("kept-forward", "window-back"):
         with model.session(n_ctx=n_ctx, shift_mode=mode, batch_size=64, refresh_every=10**9, rebase_every=10**9,
-                           n_threads=THREADS) as s:
+                           n_threads=threads) as s:
             s.feed_tokens(tokens[:n_ctx])
             cache, dense, evict = s.cache, [], []
             reused = {"dense": 0, "evict": 0}  # steps whose compute graph llama.cpp reused instead of building it
@@ -69,9 +69,11 @@ def latency(model, n_ctx, steps):
                 before = _graphs_reused(cache.ctx)
                 t = time.perf_counter(); s.feed_tokens([tokens[n_ctx + i]]); evict.append(time.perf_counter() - t)
                 reused["evict"] += _graphs_reused(cache.ctx) - before
-            out[mode] = {"evict_ms": statistics.median(evict) * 1e3, "dense_ms": statistics.median(dense) * 1e3,
+            evict_ms, dense_ms = statistics.median(evict) * 1e3, statistics.median(dense) * 1e3
+            out[mode] = {"evict_ms": evict_ms, "dense_ms": dense_ms, "evict_over_dense": evict_ms / dense_ms,
                          "graphs_reused_dense": reused["dense"], "graphs_reused_evict": reused["evict"]}
-    return {"n_ctx": n_ctx, "patch_level": bindings.patch_level(), **out}
+        print(n_ctx, threads, mode, out[mode], flush=True, file=sys.stderr)
+    return {"n_ctx": n_ctx, "threads": threads, "patch_level": bindings.patch_level(), **out}
 
 
 def main():
@@ -82,17 +84,23 @@ def main():
     parser.add_argument("--sample", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", default=None,
+                        help="threads per decode; latency takes a list (1,2), each measured in turn")
     parser.add_argument("--model", default=None, help="a .gguf path or registry name (default: the default model)")
     args = parser.parse_args()
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [None]
     global THREADS
-    THREADS = args.threads
+    THREADS = threads[0]
     model = edgesink.load(args.model)
-    runs = [quality(model, int(n), args.tokens, args.sample) if args.what == "quality" else latency(model, int(n), args.steps)
-            for n in args.n_ctx.split(",")]
+    n_ctxs = [int(n) for n in args.n_ctx.split(",")]
+    if args.what == "quality":
+        runs = [quality(model, n, args.tokens, args.sample) for n in n_ctxs]
+    else:
+        runs = [latency(model, n, args.steps, t) for t in threads for n in n_ctxs]
     command = "python benchmarks/headline.py " + " ".join(sys.argv[1:])
-    publish({"command": command, "steps": args.steps if args.what == "latency" else None, "threads": args.threads,
-             "library": repo_relative(bindings.LIBRARY_FOLDER), "runs": runs}, args.json)
+    publish({"command": command, "steps": args.steps if args.what == "latency" else None, "threads": threads[0],
+             "library": repo_relative(bindings.LIBRARY_FOLDER), "layers_on": str(model.offload),
+             "runs": runs}, args.json)
 
 
 if __name__ == "__main__":
