@@ -18,8 +18,9 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -100,6 +101,42 @@ def _output_rows(ctx, indices, n_vocab: int) -> np.ndarray:
 def _decode_error(rc: int, n: int, pos0: int) -> DecodeError:
     cause = "no free cache cell" if rc == 1 else "compute error"
     return DecodeError(f"llama_decode failed with code {rc} ({cause}) decoding {n} tokens at position {pos0}")
+
+
+class ContextSlot(Protocol):
+    """What a :class:`~edgesink.kvcache.StreamCache` needs of the context its cells live in.
+
+    :class:`OwnContext` and :class:`SharedSlot` are the two kinds; a test holds both to this shape.
+    """
+
+    seq: int  # the stream's sequence
+    scratch_seq: int | None  # a sequence to re-encode kept tokens alone; None: none (window-back only)
+    shared: bool  # other streams decode in the same context
+    n_batch: int  # the most tokens one decode takes
+    lock: AbstractContextManager  # held around every use of ctx and mem
+
+    @property
+    def ctx(self) -> ctypes.c_void_p:
+        """The ``llama_context *``."""
+
+    @property
+    def mem(self) -> ctypes.c_void_p:
+        """Its ``llama_memory_t``."""
+
+    def decode(self, tokens, pos0: int, seq: int, want_logits) -> np.ndarray:
+        """Decode ``tokens`` at ``pos0...`` in ``seq``; the logits rows of the tokens ``want_logits`` marks."""
+
+    def clear(self) -> None:
+        """Remove every cell of the stream."""
+
+    def state_get(self) -> bytearray:
+        """The stream's cells in llama.cpp's one-stream sequence-state form (:mod:`edgesink.seqstate`)."""
+
+    def state_set(self, payload: bytearray) -> int:
+        """Make ``payload`` (one-stream form) the stream's cells; the bytes llama.cpp read (0: refused)."""
+
+    def close(self) -> None:
+        """Give the slot's cells (and an own context) back."""
 
 
 class OwnContext:

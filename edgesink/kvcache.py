@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from ._native import C
-from .contexts import SCRATCH_SEQ, STREAM_SEQ  # noqa: F401  (re-exported: where the stream lives)
+from .contexts import SCRATCH_SEQ, STREAM_SEQ, ContextSlot  # noqa: F401  (the SEQs re-exported: where the stream lives)
 from .layout import CacheLayout, EncodeKeptFresh, MemoryOp, Remove, Shift
 
 
@@ -59,7 +59,7 @@ class StreamCache:
     that Ctrl-C never lands between the bookkeeping and llama.cpp's memory.
     """
 
-    def __init__(self, model, slot, *, capacity: int, kept_forward: bool,
+    def __init__(self, model, slot: ContextSlot, *, capacity: int, kept_forward: bool,
                  rebase_every: int, refresh_every: int):
         """``slot``: where the cells live (:mod:`edgesink.contexts`); this cache owns and closes it."""
         if kept_forward and slot.scratch_seq is None:

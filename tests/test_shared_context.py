@@ -159,3 +159,25 @@ def test_a_restored_shared_session_continues_as_one_never_saved(random_model, tm
     measured("restored vs never-saved twin, max logit difference over 40 steps", f"{noise:.2e}")
     measured("a wrong newest token, max logit difference", f"{error:.2f}")
     assert noise < 1e-3 < error / 100
+
+
+def test_both_kinds_of_slot_have_the_shape_a_stream_cache_needs(model):
+    """OwnContext and SharedSlot, as sessions get them, hold every member of the ContextSlot Protocol:
+    attributes as attributes, properties and methods with the Protocol's parameters."""
+    import inspect
+
+    from edgesink.contexts import ContextSlot
+
+    members = {name for name in vars(ContextSlot) if not name.startswith("_")} | set(ContextSlot.__annotations__)
+    assert {"ctx", "mem", "decode", "state_get", "state_set", "seq", "lock"} <= members
+    with SharedContext(model, CONFIG, slots=2) as shared, Session(model, CONFIG) as own, \
+            Session(model, CONFIG, context=shared) as served:
+        for slot in (own.cache.slot, served.cache.slot):
+            kind = type(slot).__name__
+            for name in members:
+                assert hasattr(slot, name), f"{kind} lacks {name}"
+                wanted = inspect.getattr_static(ContextSlot, name, None)
+                if inspect.isfunction(wanted):
+                    assert list(inspect.signature(getattr(slot, name)).parameters) == \
+                        list(inspect.signature(wanted).parameters)[1:], f"{kind}.{name}"
+            assert slot.ctx and slot.mem and slot.n_batch >= 1
