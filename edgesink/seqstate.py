@@ -9,13 +9,9 @@ context has one stream. Session files always hold the one-stream form, with seq_
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
 
 from ._native import C
 from .errors import SessionFileError
-
-if TYPE_CHECKING:
-    from .model import Model
 
 MAGIC = 0xAF143CD8  # llama.cpp's io_magic at the start of a sequence state
 ONE_STREAM_SEQ = 0  # the seq_id of the one-stream form (an own context's stream)
@@ -66,8 +62,10 @@ def check_cell_list(payload, positions: set[int], where: str) -> None:
                                f"match the {len(positions)} tokens of its bookkeeping")
 
 
-def kv_bytes_per_cell(model: "Model", bytes_k: float, bytes_v: float) -> float:
-    """Bytes of one cell's K and V rows over every layer, at ``bytes_k``/``bytes_v`` per value.
+def kv_bytes_per_cell(model, bytes_k: float, bytes_v: float) -> float:
+    """Bytes of one cell's K and V rows over every layer of ``model`` (a loaded
+    :class:`~edgesink.model.Model`; not imported, so this module stays below it), at
+    ``bytes_k``/``bytes_v`` per value.
 
     Layers with more KV heads than the first (the only count llama.cpp reports) are not counted.
     """
@@ -79,7 +77,7 @@ def kv_bytes_per_cell(model: "Model", bytes_k: float, bytes_v: float) -> float:
     return model.n_layer * n_head_kv * (key * bytes_k + value * bytes_v)
 
 
-def _metadata_int(model: "Model", key: str, default: int) -> int:
+def _metadata_int(model, key: str, default: int) -> int:
     try:
         return int(model.metadata(f"{model.architecture}.{key}"))
     except (TypeError, ValueError):
