@@ -9,8 +9,8 @@ tokens of its sequence, move or remove its cells, save or restore its cells. Two
   sequence each (llama.cpp's ``n_seq_max``, ``kv_unified=false``: every sequence has its own cells
   and attends only to them). Streams that decode at the same moment are decoded together, in one
   ``llama_decode``, so the weights are read once for all of them. There is no scratch sequence
-  (llama.cpp copies cells between sequences only whole-stream), so shared streams evict by moving
-  the window back (shift mode ``window-back``).
+  (llama.cpp copies cells between sequences only whole-stream): a shared stream re-encodes its kept
+  tokens in place, in front of its window, which the patched libllama allows (patch 0007).
 """
 
 from __future__ import annotations
@@ -110,9 +110,10 @@ class ContextSlot(Protocol):
     """
 
     seq: int  # the stream's sequence
-    scratch_seq: int | None  # a sequence to re-encode kept tokens alone; None: none (window-back only)
+    scratch_seq: int | None  # a sequence to re-encode kept tokens alone; None: re-encode in place
     shared: bool  # other streams decode in the same context
-    n_batch: int  # the most tokens one decode takes
+    n_batch: int  # tokens per decode while feeding
+    max_decode: int  # the most tokens one decode takes (in place, all kept tokens at once)
     lock: AbstractContextManager  # held around every use of ctx and mem
 
     @property
@@ -150,7 +151,7 @@ class OwnContext:
         self.model = model
         self.ctx = new_context(model, params, f"a context of n_ctx {capacity}")
         self.mem = C.llama_get_memory(self.ctx)
-        self.n_batch = C.llama_n_batch(self.ctx)
+        self.n_batch = self.max_decode = C.llama_n_batch(self.ctx)
         self._batch = _Batch(self.n_batch)
         self.lock = nullcontext()  # nothing else touches this context
 
@@ -229,10 +230,14 @@ class SharedContext:
         params.n_ctx = params.n_ctx * slots
         params.n_seq_max = slots
         params.kv_unified = False  # a KV stream per sequence: each attends over its own cells only
+        # One llama_decode takes a whole stream's kept tokens (re-encoded in place, they cannot come
+        # in pieces); llama.cpp still computes n_ubatch tokens at a time, and streams feed that many.
+        params.n_batch = self.capacity
         self.ctx = new_context(model, params, f"a shared context of {slots} x {self.capacity} cells")
         self.mem = C.llama_get_memory(self.ctx)
-        self.n_batch = C.llama_n_batch(self.ctx)
-        self._batch = _Batch(self.n_batch)
+        self.n_batch = C.llama_n_ubatch(self.ctx)
+        self.max_decode = C.llama_n_batch(self.ctx)
+        self._batch = _Batch(self.max_decode)
         self.gather_s = gather_s
         self.lock = threading.RLock()  # every llama.cpp call on the context
         self._cond = threading.Condition()
@@ -288,8 +293,8 @@ class SharedContext:
     def decode(self, seq: int, tokens, pos0: int, want_logits) -> np.ndarray:
         """Decode ``tokens`` of sequence ``seq`` at ``pos0...``, in one llama_decode with whatever other
         sequences submit meanwhile; the logits rows of the tokens marked in ``want_logits``, copied."""
-        if len(tokens) > self.n_batch:
-            raise ValueError(f"{len(tokens)} tokens exceed the shared context's batch of {self.n_batch}")
+        if len(tokens) > self.max_decode:
+            raise ValueError(f"{len(tokens)} tokens exceed the shared context's batch of {self.max_decode}")
         request = _Request(seq, list(tokens), pos0, np.asarray(want_logits, dtype=np.int8))
         with self._cond:
             self._pending.append(request)
@@ -318,7 +323,8 @@ class SharedContext:
         with self._cond:
             while len(self._pending) < self._busy and time.monotonic() < deadline:
                 self._cond.wait(max(0.0, deadline - time.monotonic()))
-            taken, room = [], self.n_batch
+            taken = [r for r in self._pending if len(r.tokens) > self.n_batch][:1]  # kept tokens at once: alone
+            room = self.n_batch if not taken else 0
             for request in sorted(self._pending, key=lambda r: r.seq):  # consecutive sequences batch together
                 if len(request.tokens) <= room:
                     taken.append(request)
@@ -388,7 +394,7 @@ class _Busy:
 class SharedSlot:
     """One sequence of a :class:`SharedContext`: what a StreamCache needs of its context."""
 
-    scratch_seq = None  # no scratch sequence: shared streams shift the window back
+    scratch_seq = None  # no scratch sequence: kept tokens are re-encoded in place
     shared = True
 
     def __init__(self, shared: SharedContext, seq: int):
@@ -396,6 +402,7 @@ class SharedSlot:
         self.model = shared.model
         self.seq = seq
         self.n_batch = shared.n_batch
+        self.max_decode = shared.max_decode
         self.lock = shared.lock
 
     @property

@@ -62,8 +62,6 @@ class StreamCache:
     def __init__(self, model, slot: ContextSlot, *, capacity: int, kept_forward: bool,
                  rebase_every: int, refresh_every: int):
         """``slot``: where the cells live (:mod:`edgesink.contexts`); this cache owns and closes it."""
-        if kept_forward and slot.scratch_seq is None:
-            raise ValueError("a shared context has no scratch sequence: its streams shift the window back")
         self.model = model
         self.capacity = capacity
         self.slot = slot
@@ -217,6 +215,9 @@ class StreamCache:
                 raise TypeError(f"unknown memory operation {op!r}")
 
     def _encode_fresh(self, op: EncodeKeptFresh) -> None:
+        if self.slot.scratch_seq is None:
+            self._encode_fresh_in_place(op)
+            return
         # Decoded alone in a scratch sequence, the kept tokens attend only to each other (as
         # they did when first seen), then the cells are handed over to the stream's sequence.
         for start in range(0, len(op.tokens), self.n_batch):
@@ -225,6 +226,14 @@ class StreamCache:
         C.llama_memory_seq_cp(self.mem, self.slot.scratch_seq, self.seq, -1, -1)
         C.llama_memory_seq_rm(self.mem, self.slot.scratch_seq, -1, -1)
         self.has_logits = False  # the scratch decodes replaced the context's outputs
+
+    def _encode_fresh_in_place(self, op: EncodeKeptFresh) -> None:
+        # In front of the window, the kept tokens see only each other: attention is causal by position
+        # (patch 0007 lets llama.cpp take them there). One decode: a second piece would land between
+        # the first and the window, which llama.cpp refuses.
+        if op.tokens:
+            self.decode(list(op.tokens), op.pos0, self.seq, np.zeros(len(op.tokens), dtype=np.int8))
+        self.has_logits = False
 
     # -- re-computation -----------------------------------------------------------------------
 

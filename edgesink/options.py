@@ -60,11 +60,20 @@ def stop_strings(stop) -> list[str]:
     return stops
 
 
-def kept_forward_mode(shift_mode: str) -> bool:
+# A stream of a shared context re-encodes its kept tokens in place, in front of its window: the
+# loaded libllama must take such a batch (patch 0007); a context of its own uses a scratch sequence.
+IN_PLACE_REENCODE_LEVEL = 7
+
+
+def kept_forward_mode(shift_mode: str, *, shared: bool = False) -> bool:
     """Whether evictions move the kept cells forward (see :mod:`edgesink.kvcache`); "auto": where the
-    loaded libllama carries edgesink's patch."""
+    loaded libllama carries edgesink's patch (for a ``shared`` context's stream, patch 0007 too)."""
+    needed = IN_PLACE_REENCODE_LEVEL if shared else 1
     if shift_mode == "auto":
-        return _native.patch_level() > 0
+        return _native.patch_level() >= needed
+    if shift_mode == "kept-forward" and shared and _native.patch_level() < needed:
+        raise SettingsError(f"the loaded libllama (patch level {_native.patch_level()}) cannot re-encode a shared "
+                            f"context's kept tokens in place (level {needed}): use shift_mode 'auto' or 'window-back'")
     return shift_mode == "kept-forward"
 
 

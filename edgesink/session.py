@@ -91,6 +91,10 @@ class SessionStats:
     generate_tokens_per_s: float
     extra: dict = field(default_factory=dict)
 
+    def shift_counts(self) -> dict:
+        """What eviction did so far: ``evictions``, ``shifts``, ``rebases`` and ``refreshes``."""
+        return {"evictions": self.evictions, "shifts": self.shifts, "rebases": self.rebases, "refreshes": self.refreshes}
+
 
 class Session:
     """A stream of tokens through a bounded cache with a context policy.
@@ -109,8 +113,9 @@ class Session:
         type_k, type_v: cache types (``f16`` default; ``q8_0``, ``f32``, ...).
         flash_attn: True/False, or None to let llama.cpp decide.
         n_threads: CPU threads (default: every CPU this process may run on).
-        shift_mode: ``"auto"`` (kept-forward with a patched libllama, else window-back),
-            ``"kept-forward"`` or ``"window-back"``; see :mod:`edgesink.kvcache`.
+        shift_mode: ``"auto"`` (kept-forward with a patched libllama, else window-back; on a shared
+            context, patch level 7 or more), ``"kept-forward"`` or ``"window-back"``; see
+            :mod:`edgesink.layout`.
         refresh_every: re-encode the kept tokens after this many shifts (kept-forward mode).
         rebase_every: move positions back after this many evicted tokens (default n_ctx).
         context: a :class:`~edgesink.contexts.SharedContext` to live in (one of its sequences),
@@ -142,11 +147,8 @@ class Session:
         self.model = model
         self.policy, self.n_ctx, self.batch_size = config.policy, config.n_ctx, config.batch_size
         self.type_k, self.type_v = config.type_k, config.type_v
-        self.kept_forward = kept_forward_mode(config.shift_mode) and context is None
+        self.kept_forward = kept_forward_mode(config.shift_mode, shared=context is not None)
         if context is not None:
-            if config.shift_mode == "kept-forward":
-                raise SettingsError("sessions on a shared context shift the window back (no scratch sequence "
-                                    "to re-encode kept tokens in): use shift_mode 'auto' or 'window-back'")
             context.check_config(config)
         slot = OwnContext(model, context_params(model, config), self.n_ctx) if context is None else context.open_slot()
         self._stream = StreamCache(self.model, slot, capacity=self.n_ctx,

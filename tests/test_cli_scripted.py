@@ -12,6 +12,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
+import edgesink._native
 from edgesink.cli import feeding, main
 from edgesink.policies import Sink
 from fake_engine import FakeSession, fake_engine
@@ -128,8 +129,8 @@ def test_serve_options_reach_the_server(monkeypatch, tmp_path):
            "--max-connections", 9, "--header-timeout", 4, "--shutdown-timeout", 6, "--sessions-max-bytes", 1000))
     ((model, config, options),) = calls
     assert model.path.name == "smollm2-135m"
-    assert (config.n_ctx, config.n_threads, config.shift_mode) == (512, 1, "window-back")
-    assert config.policy == Sink(sinks=4, evict_chunk=64)  # a window moved back once per 64 tokens, not per token
+    assert (config.n_ctx, config.n_threads, config.shift_mode) == (512, 1, "auto")
+    assert config.policy == Sink(sinks=4, evict_chunk=1)  # the patched libllama moves the sinks forward: per token
     assert options["limits"] == ServeLimits(max_body_bytes=4096, max_queue=5, queue_timeout=2.0, max_tokens=100,
                                             max_prompt_tokens=300, max_messages=7, body_timeout=3.0)
     assert options["listening"] == Listening(host="127.0.0.1", port=9000, allowed_hosts=("box.lan",),
@@ -148,6 +149,8 @@ def test_serve_options_reach_the_server(monkeypatch, tmp_path):
     assert len({access.namespace(f"bearer {k}") for k in ("k", "k1", "k2")}) == 3  # a namespace per key
     assert calls[-1][1].policy == Sink(sinks=4, evict_chunk=1)
     ok(run("serve", "--policy", "halve"))
+    ok(run("serve", "-o", "shift_mode=window-back"))
+    assert calls[-1][1].policy == Sink(sinks=4, evict_chunk=64)  # a window moved back once per 64 tokens, not per token
     keys.write_text("# nothing but a comment\n")
     result = run("serve", "--api-keys-file", keys)
     assert result.exit_code == 2 and "holds no key" in result.output
@@ -164,6 +167,7 @@ def test_serve_help_says_what_unnamed_requests_get():
 def test_serve_refuses_a_shift_mode_it_cannot_run(monkeypatch):
     import edgesink.serve
     monkeypatch.setattr(edgesink.serve, "run", lambda *a, **kw: pytest.fail("the server must not start"))
+    monkeypatch.setattr(edgesink._native, "patch_level", lambda: 6)  # a libllama without patch 0007
     result = run("serve", "-o", "shift_mode=kept-forward")
-    assert result.exit_code == 2 and "window-back" in result.output
+    assert result.exit_code != 0 and "in place" in result.output and "window-back" in result.output
     assert run("serve", "--slots", 0).exit_code == 2

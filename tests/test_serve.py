@@ -71,6 +71,26 @@ def test_a_long_chat_feeds_only_each_new_turn(server, client, model_id):
     assert f"please ({i - 1})." in info["cached_text"] and "please (0)." not in info["cached_text"]
 
 
+def test_a_completion_past_n_ctx_is_what_a_lone_session_writes(server, client, model_id, model):
+    """A served text stream evicts as a lone session does, the sinks moved forward and re-encoded in
+    place in the shared context, and writes, greedily, exactly what the lone session writes."""
+    prompt = "The history of the river towns, told slowly: " + "the boats came and went, " * 50
+    reply = client.completions.create(model=model_id, prompt=prompt, max_tokens=150, temperature=0,
+                                      extra_headers={"X-Edgesink-Session": "past-n-ctx"})
+    usage = reply.usage.model_extra
+    assert usage["evicted_tokens"] > 0 and usage["cached_tokens"] <= 256
+    with model.session(n_ctx=256, n_threads=1) as lone:
+        assert lone.kept_forward and lone.policy.evict_chunk == 1
+        lone.feed(prompt)
+        text = lone.generate_text(150, temperature=0)
+        assert lone.stats.evictions == usage["evicted_tokens"]
+        counts = lone.stats.shift_counts()
+    assert reply.choices[0].text == text
+    info = server.request("GET", "/v1/sessions/past-n-ctx")[1]
+    assert info["shift_mode"] == "kept-forward"
+    assert {key: info[key] for key in counts} == counts and counts["refreshes"] >= 1
+
+
 def test_streaming_chat_and_completions(server, client, model_id):
     history = [{"role": "user", "content": "Count from one to five."}]
     stream = client.chat.completions.create(model=model_id, messages=history, max_tokens=20, stream=True,

@@ -85,10 +85,14 @@ def test_saved_files_move_between_shared_and_lone_sessions(model, tmp_path):
         occupant.close()
 
 
-def test_shared_context_refusals(model, gemma):
+def test_shared_context_refusals(model, gemma, monkeypatch):
     with SharedContext(model, CONFIG, slots=1) as shared:
-        with pytest.raises(SettingsError, match="window back"):
-            Session(model, SessionConfig.of(n_ctx=256, shift_mode="kept-forward", n_threads=1), context=shared)
+        with monkeypatch.context() as m:  # a libllama without patch 0007 cannot re-encode in place
+            m.setattr(edgesink._native, "patch_level", lambda: 6)
+            with pytest.raises(SettingsError, match="in place"):
+                Session(model, SessionConfig.of(n_ctx=256, shift_mode="kept-forward", n_threads=1), context=shared)
+            with Session(model, SessionConfig.of(n_ctx=256, n_threads=1), context=shared) as auto:
+                assert not auto.kept_forward
         with pytest.raises(SettingsError, match="n_ctx"):
             Session(model, SessionConfig.of(n_ctx=512, shift_mode="window-back", n_threads=1), context=shared)
         first = Session(model, CONFIG, context=shared)
@@ -115,22 +119,35 @@ def test_closing_the_model_closes_the_shared_context_and_its_sessions(model_path
     shared.close()  # idempotent
 
 
-def test_a_shared_slot_evicting_one_token_at_a_time_matches_a_lone_session_at_every_step(random_model):
+KEPT_FORWARD = SessionConfig.of(n_ctx=64, shift_mode="kept-forward", n_threads=1, evict_chunk=1,
+                                refresh_every=8, rebase_every=24)
+
+
+@pytest.mark.parametrize("config", [
+    SessionConfig.of(n_ctx=64, shift_mode="window-back", n_threads=1, evict_chunk=1), KEPT_FORWARD,
+], ids=["window-back", "kept-forward"])
+def test_a_shared_slot_evicting_one_token_at_a_time_matches_a_lone_session_at_every_step(random_model, config):
     """Every token a step, each past the window evicting exactly one: the shared slot (not sequence 0,
-    beside another stream) gives bitwise the lone session's next logits at every step. A sink moved
-    wrongly in a shared slot shows here at once, not only after a large batched eviction."""
-    config = SessionConfig.of(n_ctx=64, shift_mode="window-back", n_threads=1, evict_chunk=1)
+    beside another stream that evicts too) gives bitwise the lone session's next logits at every step.
+    A sink moved wrongly in a shared slot shows here at once, not only after a large batched eviction.
+    Kept-forward: the sinks move forward, are re-encoded in place in front of the window every 8
+    shifts and rebased every 24 evictions, where the lone session re-encodes them in its scratch
+    sequence."""
     tokens = random_model.tokenize(TEXTS[2] * 2)[:150]
     with SharedContext(random_model, config, slots=2) as shared, Session(random_model, config) as lone:
         occupant = Session(random_model, config, context=shared)
         occupant.feed(TEXTS[3])
         with Session(random_model, config, context=shared) as s:
-            assert s.cache.seq == 1
+            assert s.cache.seq == 1 and s.kept_forward == lone.kept_forward == (config is KEPT_FORWARD)
             for i, token in enumerate(tokens):
                 s.feed_tokens([token]), lone.feed_tokens([token])
+                occupant.feed_tokens([token])  # its cells move in the same K-shift as s's
                 assert np.array_equal(s.next_logits(), lone.next_logits()), i
             assert s.stats.evictions == len(tokens) - 64 and s.stats.shifts == len(tokens) - 64
             assert s.cached_tokens() == lone.cached_tokens()
+            if s.kept_forward:
+                assert s.stats.refreshes >= 5 and s.stats.rebases >= 2
+                assert (s.stats.refreshes, s.stats.rebases) == (lone.stats.refreshes, lone.stats.rebases)
         occupant.close()
 
 

@@ -22,7 +22,7 @@ from ..errors import EdgesinkError, SessionFileError, SessionSaveError, Settings
 from ..fetch.hub import cached_models, hub_cache_dir, pull_model
 from ..info import format_info, system_info
 from ..loading import load
-from ..options import MAX_THREADS
+from ..options import MAX_THREADS, kept_forward_mode
 from ..persistence import read_session_header
 from ..policies import POLICY_NAMES
 from ..fetch.registry import load_registry
@@ -495,8 +495,9 @@ rebinding), a POST must be application/json, and web pages of other origins are 
 --cors-origin allows them. A request's prompt work is bounded (--max-prompt-tokens,
 --max-messages) and stops within one batch when its client disconnects or the server stops.
 
-Served sessions move the window back when they evict (shift_mode window-back), which moves
-every cached cell; so sink and window evict 64 tokens at a time unless -o evict_chunk=N says
+Served sessions evict as lone ones do: with the patched libllama the few kept cells move
+forward, so sink and window evict one token at a time. With shift_mode window-back (or a stock
+libllama) every cached cell moves, so they evict 64 tokens at a time unless -o evict_chunk=N says
 otherwise (a chat evicts whole turns anyway).
 """
 
@@ -509,14 +510,12 @@ otherwise (a chat evicts whole turns anyway).
 def serve(model, session_args, serve_args):
     from ..serve import EVICT_CHUNK, run  # lazy: the HTTP stack (starlette, uvicorn) loads only to serve
 
-    if session_args.settings.get("shift_mode", "window-back") != "window-back":
-        raise click.UsageError("served sessions share one context and shift the window back: "
-                               "-o shift_mode=window-back is the only mode here")
-    if session_args.policy in ("sink", "window") and "evict_chunk" not in session_args.settings:
+    kept_forward = kept_forward_mode(session_args.settings.get("shift_mode", "auto"), shared=True)
+    if not kept_forward and session_args.policy in ("sink", "window") and "evict_chunk" not in session_args.settings:
         # Moving the window back moves every cell: a plain text stream evicts EVICT_CHUNK tokens at a
         # time, so it pays that once per chunk, not per token (a chat evicts whole turns anyway).
         session_args = dataclasses.replace(session_args, settings={**session_args.settings, "evict_chunk": EVICT_CHUNK})
-    config = dataclasses.replace(_checked(session_args.config), shift_mode="window-back")
+    config = _checked(session_args.config)
     settings = server_settings(serve_args)  # checked before the model loads
     engine = click.get_current_context().find_object(Engine) or Engine()
     _native.set_verbose(session_args.verbose)

@@ -70,7 +70,7 @@ class SessionPool:
 
     Args:
         model: the loaded model.
-        config: every session's :class:`SessionConfig` (shift mode window-back: shared streams).
+        config: every session's :class:`SessionConfig` (the same n_ctx, cache types and threads).
         slots: live sessions at most (sequences of the shared context).
         sessions_dir: where snapshots go; named sessions are saved there after every request, so
             they survive a crash, and restored on their next request. None: a private temporary
@@ -269,7 +269,8 @@ class SessionPool:
         tokens = session.cached_tokens()
         return {"name": conversation.name, "live": True, "saved": self.path_of(conversation).exists(),
                 "mode": conversation.mode, "messages": len(session.messages), "tokens_seen": session.tokens_seen,
-                "cached_tokens": len(tokens), "cached_text": self.model.detokenize(tokens)}
+                "cached_tokens": len(tokens), "cached_text": self.model.detokenize(tokens),
+                "shift_mode": "kept-forward" if session.kept_forward else "window-back", **session.stats.shift_counts()}
 
     def forget(self, namespace: str, name: str) -> bool:
         """Close a conversation and delete its snapshot; whether there was one."""
