@@ -137,7 +137,7 @@ BENCH_RESULTS_ARGS := --tokens 20000 --n-ctx 256,512,1024,2048 --sinks 0,1,2,4,8
 BENCH_SOAK_ARGS := --policies sink --n-ctx 512 --sinks 4 --cache-type-k f16 --evict-chunk 1 --tokens 0 \
                    --stock-lib none --soak $(SOAK) --threads $(BENCH_THREADS)
 
-.PHONY: bench bench-results bench-main bench-soak bench-headline bench-headline-vulkan
+.PHONY: bench bench-results bench-main bench-soak bench-headline bench-headline-vulkan bench-headline-shared
 # Per-token cost at a full cache, n_ctx 2048 and 8192, 1 and 2 threads: a dense step, one-token eviction
 # moving the 4 sinks forward and moving the whole window back, interleaved in one run per library, with
 # the count of steps that reused llama.cpp's compute graph (~25 min).
@@ -146,6 +146,11 @@ bench-headline: setup $(CORPUS) $(STOCK_LIB)
 	$(PY) benchmarks/headline.py $(HEADLINE_ARGS) --json benchmarks/results/headline_latency_patched.json
 	EDGESINK_LIB_PATH=$(abspath build/stock/lib) $(PY) benchmarks/headline.py $(HEADLINE_ARGS) \
 	    --json benchmarks/results/headline_latency_stock.json
+# The same for served sessions: 1 and 4 sessions of one shared context at n_ctx 2048, each stepping in
+# every round, a dense round against one where each evicts a token (~20 min).
+bench-headline-shared: setup $(CORPUS)
+	$(PY) benchmarks/headline.py shared --n-ctx 2048 --slots 1,4 --steps 40 --threads 1,2 \
+	    --json benchmarks/results/headline_shared.json
 bench: setup $(VENV)/.bench-deps $(CORPUS) $(STOCK_LIB)
 	$(VENV)/bin/edgesink bench --out build/bench $(BENCH_ARGS)
 

@@ -29,7 +29,7 @@ import edgesink
 from edgesink import Session, SessionConfig, SharedContext
 from edgesink.bench.machine import publish
 from edgesink.corpus import austen_text
-from edgesink.serve import EVICT_CHUNK, Access, ServeLimits, Server, SessionPool, create_app
+from edgesink.serve import Access, ServeLimits, Server, SessionPool, create_app, served_config
 from edgesink.serve.guard import RequestGuard
 
 
@@ -216,8 +216,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
     model = edgesink.load(args.model)
     # As `edgesink serve` configures its sessions.
-    config = SessionConfig.of(n_ctx=args.n_ctx, shift_mode="window-back", n_threads=args.threads,
-                              evict_chunk=EVICT_CHUNK)
+    config = served_config(model, SessionConfig.of(n_ctx=args.n_ctx, n_threads=args.threads))
     given = {k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in vars(args).items()}
     report = {"command": "benchmarks/serve.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items()
                                                            if v is not None and k != "json"),

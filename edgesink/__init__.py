@@ -35,7 +35,8 @@ from .policies import POLICY_NAMES, ContextPolicy, Dense, Halve, Recompute, Sink
 from .sampling import SamplingParams
 from .config import SessionConfig
 from .contexts import SharedContext
-from .session import GenerationChunk, Session, SessionStats
+from .session import Session, SessionStats
+from .textstream import GenerationChunk
 from .version import __version__
 
 __all__ = [

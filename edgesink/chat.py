@@ -28,15 +28,13 @@ import time
 import weakref
 from collections import deque
 from contextlib import closing
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from jinja2 import TemplateError
 
 from .errors import ClosedError, SystemPromptTooLongError, TemplateRenderError, TemplateRewriteError
 from .template_guard import GuardedSandbox, TemplateLimitError, time_limit
-
-if TYPE_CHECKING:
-    from .session import GenerationChunk
+from .textstream import GenerationChunk
 
 PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: never produced by a template
 PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
@@ -193,25 +191,6 @@ class Chat:
         chat.message_starts = deque(saved.get("message_starts", message_starts))
         return chat
 
-    # -- evictions --------------------------------------------------------------------------------
-
-    def align_cut(self, n: int, needed: int, *, window_start: int, n_window: int) -> int:
-        """Where to cut the window so that it starts at a message: how many tokens to evict.
-
-        ``n`` is what the policy asks, ``needed`` the least that makes room; the window holds the
-        stream indices from ``window_start``, ``n_window`` of them. The cut moves forward to the
-        first message start at or after ``n``; failing that, back to the last one at or after
-        ``needed``; failing both (the newest message alone outgrows the window) it stays at ``n``,
-        inside that message.
-        """
-        offsets = [start - window_start for start in self.message_starts]
-        cut = next((o for o in offsets if n <= o <= n_window), None)
-        if cut is None:
-            cut = max((o for o in offsets if needed <= o < n), default=n)
-        while self.message_starts and self.message_starts[0] < window_start + cut:
-            self.message_starts.popleft()  # evicted: no longer a place to cut
-        return cut
-
     # -- rendering ------------------------------------------------------------------------------
 
     def _indices(self, start: int | None = None) -> list[int]:
@@ -283,10 +262,13 @@ class Chat:
         return offset
 
     def _mark(self, offset: int) -> None:
-        """Remember that ``_fed[:offset]`` is what the stream holds up to now; forget evicted marks."""
+        """Remember that ``_fed[:offset]`` is what the stream holds up to now; forget evicted marks and
+        message starts (the cut of the window, :func:`edgesink.layout.turn_cut`, skips them anyway)."""
         oldest = self.session.first_removable()
         self._marks = [m for m in self._marks if m[1] >= oldest and m[0] < offset]
         self._marks.append((offset, self.session.tokens_seen))
+        while self.message_starts and self.message_starts[0] < oldest:
+            self.message_starts.popleft()
 
     def turn_tokens(self, rendered: str) -> list[int]:
         """Tokens of a rendered piece: template text with special tokens, contents literal."""
@@ -315,8 +297,8 @@ class Chat:
             raise ValueError(f"role must be 'user', 'system' or 'tool', got {role!r}")
         return _texts(self.stream_reply(message, role, **generation))
 
-    def stream_reply(self, message: str, role: str = "user", **generation) -> Iterator["GenerationChunk"]:
-        """Add a message (fed now) and return the reply as :class:`~edgesink.session.GenerationChunk`
+    def stream_reply(self, message: str, role: str = "user", **generation) -> Iterator[GenerationChunk]:
+        """Add a message (fed now) and return the reply as :class:`~edgesink.textstream.GenerationChunk`
         objects, finish reason and all; generation settings as ``Session.stream_generate``."""
         if role not in ("user", "system", "tool"):
             raise ValueError(f"role must be 'user', 'system' or 'tool', got {role!r}")
@@ -343,7 +325,7 @@ class Chat:
                 self._fed = prompt + PLACEHOLDER.format(len(self.messages) - 1)
             raise
 
-    def _reply(self, **generation) -> Iterator["GenerationChunk"]:
+    def _reply(self, **generation) -> Iterator[GenerationChunk]:
         self.messages.append({"role": "assistant", "content": ""})
         reply, end_token = [], None
         try:

@@ -26,8 +26,7 @@ import numpy as np
 
 from . import seqstate
 from ._native import C
-from .errors import (ClosedError, ContextCreationError, DecodeError, NoFreeSlotError, SettingsError,
-                     UnsupportedModelError)
+from .errors import ClosedError, ContextCreationError, DecodeError, NoFreeSlotError, SettingsError
 from .options import CACHE_TYPES, default_threads
 
 STREAM_SEQ = seqstate.ONE_STREAM_SEQ  # an own context's stream lives in sequence 0, as saved states name it
@@ -218,11 +217,8 @@ class SharedContext:
     def __init__(self, model, config, *, slots: int, gather_s: float = 0.005):
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise SettingsError(f"a shared context needs an integer number of slots >= 1, got {slots!r}")
-        if model.n_swa > 0:
-            # Their state holds two caches, and the window-back shift of a sliding window is untested.
-            raise UnsupportedModelError(f"{model.path.name} uses sliding-window attention: sessions on it "
-                                        "cannot share a context; give each its own")
         self.model = model
+        self.caches = 2 if model.n_swa > 0 else 1  # a sliding-window model's memory: a full cache and an SWA one
         self.config = config
         self.slots = slots
         self.capacity = config.n_ctx
@@ -424,12 +420,12 @@ class SharedSlot:
         """The sequence's state in the form a context of one stream writes (so any session loads it)."""
         with self.lock:
             state = _seq_state(self.ctx, self.seq)
-        return seqstate.one_stream(state, self.seq, self.owner.slots)
+        return seqstate.one_stream(state, self.seq, self.owner.slots, caches=self.owner.caches)
 
     def state_set(self, payload: bytearray) -> int:
         """Put a one-stream sequence state (:meth:`state_get`, or a lone session's) into this sequence;
         how many bytes of ``payload`` llama.cpp read (0: refused), as :meth:`OwnContext.state_set`."""
-        full = seqstate.all_streams(payload, self.seq, self.owner.slots)
+        full = seqstate.all_streams(payload, self.seq, self.owner.slots, caches=self.owner.caches)
         with self.lock:
             C.llama_memory_seq_rm(self.mem, self.seq, -1, -1)
             n_read = C.llama_state_seq_set_data(self.ctx, _uint8_view(full), len(full), self.seq)

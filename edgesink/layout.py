@@ -272,6 +272,23 @@ class CacheLayout:
         return layout
 
 
+def turn_cut(n: int, needed: int, message_starts, *, window_start: int, n_window: int) -> int:
+    """Where to cut the window so that it starts at a message: how many window tokens to evict.
+
+    ``n`` is what the policy asks, ``needed`` the least that makes room (>= 1); the window holds the
+    stream indices from ``window_start``, ``n_window`` of them; ``message_starts`` are the stream
+    indices where a chat's messages begin, oldest first (those already evicted are skipped). The cut
+    moves forward to the first message start at or after ``n``; failing that, back to the last one at
+    or after ``needed``; failing both (the newest message alone outgrows the window) it stays at ``n``,
+    inside that message.
+    """
+    offsets = [start - window_start for start in message_starts if start >= window_start]
+    cut = next((o for o in offsets if n <= o <= n_window), None)
+    if cut is None:
+        cut = max((o for o in offsets if needed <= o < n), default=n)
+    return cut
+
+
 def state_problem(state: dict, *, n_ctx: int, n_vocab: int) -> str | None:
     """What is wrong with the layout fields of a saved state for a cache of ``n_ctx`` cells, or None.
 

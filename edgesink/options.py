@@ -5,15 +5,12 @@ and what a session's cache needs of the machine. Every bad value is a :class:`Se
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import _native, seqstate
 from .errors import SettingsError
 
-if TYPE_CHECKING:
-    from .model import Model
 
 # enum ggml_type values of the KV cache types llama.cpp accepts, and their bytes per value.
 CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
@@ -65,20 +62,28 @@ def stop_strings(stop) -> list[str]:
 IN_PLACE_REENCODE_LEVEL = 7
 
 
-def kept_forward_mode(shift_mode: str, *, shared: bool = False) -> bool:
-    """Whether evictions move the kept cells forward (see :mod:`edgesink.kvcache`); "auto": where the
-    loaded libllama carries edgesink's patch (for a ``shared`` context's stream, patch 0007 too)."""
-    needed = IN_PLACE_REENCODE_LEVEL if shared else 1
-    if shift_mode == "auto":
-        return _native.patch_level() >= needed
-    if shift_mode == "kept-forward" and shared and _native.patch_level() < needed:
-        raise SettingsError(f"the loaded libllama (patch level {_native.patch_level()}) cannot re-encode a shared "
-                            f"context's kept tokens in place (level {needed}): use shift_mode 'auto' or 'window-back'")
-    return shift_mode == "kept-forward"
+def kept_forward_mode(shift_mode: str, *, shared: bool = False, sliding_window: bool = False) -> bool:
+    """Whether evictions move the kept cells forward (see :mod:`edgesink.layout`); "auto": where the
+    loaded libllama carries edgesink's patch. A ``shared`` context's stream re-encodes its kept tokens
+    in place, which needs patch 0007 and a model without a ``sliding_window`` (llama.cpp's SWA cache
+    would drop the cells written in front of the window)."""
+    if not shared:
+        return _native.patch_level() > 0 if shift_mode == "auto" else shift_mode == "kept-forward"
+    problem = ("the model's sliding-window cache cannot take kept tokens re-encoded in front of the window"
+               if sliding_window else
+               f"the loaded libllama (patch level {_native.patch_level()}) cannot re-encode kept tokens in place "
+               f"(level {IN_PLACE_REENCODE_LEVEL})" if _native.patch_level() < IN_PLACE_REENCODE_LEVEL else None)
+    if shift_mode == "kept-forward" and problem:
+        raise SettingsError(f"a shared context's streams cannot move their kept tokens forward here: {problem}; "
+                            "use shift_mode 'auto' or 'window-back'")
+    return shift_mode == "kept-forward" or (shift_mode == "auto" and problem is None)
 
 
-def check_n_ctx(model: "Model", n_ctx: int, type_k: str, type_v: str) -> None:
-    """The checks of n_ctx that need the model: its training length, and a cache that fits in memory."""
+def check_n_ctx(model, n_ctx: int, type_k: str, type_v: str) -> None:
+    """The checks of n_ctx that need the (loaded) model: its training length, and a cache that fits in memory.
+
+    Modules below :mod:`edgesink.model` take a loaded Model without importing it: the engine's imports
+    point one way only."""
     if model.n_ctx_train and n_ctx > model.n_ctx_train:
         raise SettingsError(
             f"n_ctx {n_ctx} is larger than the {model.n_ctx_train} tokens {model.path.name} was trained on; "
@@ -91,6 +96,6 @@ def check_n_ctx(model: "Model", n_ctx: int, type_k: str, type_v: str) -> None:
                             f"({type_k}/{type_v}), more than this machine's memory")
 
 
-def estimate_kv_bytes(model: "Model", n_ctx: int, bytes_per_value: float = 2.0) -> int:
+def estimate_kv_bytes(model, n_ctx: int, bytes_per_value: float = 2.0) -> int:
     """Bytes of a KV cache of n_ctx tokens (K and V, all layers); F16 unless told the bytes per value."""
     return int(n_ctx * seqstate.kv_bytes_per_cell(model, bytes_per_value, bytes_per_value))

@@ -5,15 +5,12 @@ from __future__ import annotations
 import ctypes
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ._native import C
 from .errors import SettingsError
 
-if TYPE_CHECKING:
-    from .model import Model
 
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed each time
 GRAMMAR_ROOT = "root"  # the GBNF rule a grammar setting starts from
@@ -85,7 +82,7 @@ def _check_type(name: str, value, annotation: str) -> None:
         raise SettingsError(f"{name} must be a finite number, got {value!r}")
 
 
-def _grammar_sampler(grammar: str, model: "Model"):
+def _grammar_sampler(grammar: str, model):
     """A llama.cpp grammar sampler for GBNF text over ``model``'s vocabulary (not yet in a chain)."""
     # LLAMA_API struct llama_sampler * llama_sampler_init_grammar(
     #         const struct llama_vocab * vocab, const char * grammar_str, const char * grammar_root);
@@ -105,7 +102,7 @@ class Sampler:
     sampler is used.
     """
 
-    def __init__(self, params: SamplingParams, model: "Model | None" = None):
+    def __init__(self, params: SamplingParams, model=None):
         penalized = params.repeat_penalty != 1.0 and params.repeat_last_n > 0
         if model is None and (penalized or params.grammar is not None):
             raise ValueError("a Sampler with a grammar or a repeat penalty needs the model (for its vocabulary)")

@@ -1,9 +1,10 @@
 """llama.cpp's sequence-state bytes and the KV cache's size: the one module that knows either.
 
-``llama_state_seq_get_data`` writes a uint32 magic, an int32 seq_id, a uint32 n_stream, then per
-stream a uint32 cell count and that many cells (int32 pos, uint32 n_seq_id, the seq_ids), then the
-K and V rows. A shared context has a stream per sequence, all but one empty (count 0); a lone
-context has one stream. Session files always hold the one-stream form, with seq_id 0.
+``llama_state_seq_get_data`` writes a uint32 magic and an int32 seq_id, then a *section* per KV cache
+(one; two for a sliding-window model, the full cache then the SWA one): a uint32 n_stream, then per
+stream a uint32 cell count and, when not 0, that many cells (int32 pos, uint32 n_seq_id, the seq_ids)
+and the K and V rows. A shared context has a stream per sequence, all but one empty (count 0); a
+lone context has one stream. Session files always hold the one-stream form, with seq_id 0.
 """
 
 from __future__ import annotations
@@ -20,24 +21,79 @@ _COUNT = struct.Struct("<I")  # n_stream, and each stream's cell count
 _CELL = struct.Struct("<iIi")  # pos, n_seq_id, seq_id (cells of one sequence have one seq_id)
 
 
-def one_stream(state: bytearray, seq: int, n_stream: int) -> bytearray:
-    """The one-stream form of the state of sequence ``seq`` of a context of ``n_stream`` streams."""
-    head, body = state[:_HEAD.size], state[_HEAD.size + _COUNT.size:]
+def one_stream(state: bytearray, seq: int, n_stream: int, *, caches: int = 1) -> bytearray:
+    """The one-stream form of the state of sequence ``seq`` of a context of ``n_stream`` streams, whose
+    memory has ``caches`` KV caches (2: a sliding-window model's)."""
+    head = state[:_HEAD.size]
+    struct.pack_into("<i", head, 4, ONE_STREAM_SEQ)
+    return head + b"".join(_one_stream_section(s, seq, n_stream) for s in _sections(state, caches))
+
+
+def all_streams(payload: bytearray, seq: int, n_stream: int, *, caches: int = 1) -> bytearray:
+    """The one-stream ``payload`` as the state of sequence ``seq`` of a context of ``n_stream`` streams,
+    whose memory has ``caches`` KV caches."""
+    head = bytearray(payload[:_HEAD.size])
+    struct.pack_into("<i", head, 4, seq)
+    return head + b"".join(_all_streams_section(s, seq, n_stream) for s in _sections(payload, caches))
+
+
+def _one_stream_section(section, seq: int, n_stream: int) -> bytes:
+    body = section[_COUNT.size:]
     before, after = _COUNT.size * seq, _COUNT.size * (n_stream - 1 - seq)
     if any(body[:before]) or (after and any(body[len(body) - after:])):
         raise SessionFileError("llama.cpp wrote a sequence state with cells in another sequence's stream")
-    struct.pack_into("<i", head, 4, ONE_STREAM_SEQ)
-    return head + _COUNT.pack(1) + body[before:len(body) - after]
+    return _COUNT.pack(1) + bytes(body[before:len(body) - after])
 
 
-def all_streams(payload: bytearray, seq: int, n_stream: int) -> bytearray:
-    """The one-stream ``payload`` as the state of sequence ``seq`` of a context of ``n_stream`` streams."""
-    if len(payload) < _HEAD.size + _COUNT.size or _COUNT.unpack_from(payload, _HEAD.size)[0] != 1:
+def _all_streams_section(section, seq: int, n_stream: int) -> bytes:
+    if len(section) < _COUNT.size or _COUNT.unpack_from(section, 0)[0] != 1:
         raise SessionFileError("the saved cache state is not that of one stream")
-    head, body = bytearray(payload[:_HEAD.size]), payload[_HEAD.size + _COUNT.size:]
-    struct.pack_into("<i", head, 4, seq)
     empty = _COUNT.pack(0)
-    return head + _COUNT.pack(n_stream) + empty * seq + body + empty * (n_stream - 1 - seq)
+    return _COUNT.pack(n_stream) + empty * seq + bytes(section[_COUNT.size:]) + empty * (n_stream - 1 - seq)
+
+
+def _sections(state, caches: int) -> list[memoryview]:
+    """The state's sections, one per KV cache; a sliding-window model's two split where the first ends."""
+    view = memoryview(state)
+    if len(view) < _HEAD.size + _COUNT.size:
+        raise SessionFileError("the cache state is too short to hold a cell list")
+    if caches == 1:
+        return [view[_HEAD.size:]]
+    try:
+        middle = _section_end(view, _HEAD.size)
+    except struct.error:
+        middle = len(view) + 1
+    if middle >= len(view):
+        raise SessionFileError("the cache state does not hold the two caches of a sliding-window model")
+    return [view[_HEAD.size:middle], view[middle:]]
+
+
+def _section_end(buf, at: int) -> int:
+    """Where the section starting at ``at`` ends: its streams' cells, then their K rows and V rows per layer
+    (llama_kv_cache::state_write; every layer has V rows, as in the sliding-window models)."""
+    (n_stream,) = _COUNT.unpack_from(buf, at)
+    at += _COUNT.size
+    for _ in range(n_stream):
+        (n_cells,) = _COUNT.unpack_from(buf, at)
+        at += _COUNT.size
+        if n_cells == 0:
+            continue
+        for _ in range(n_cells):
+            _, n_seq_id = struct.unpack_from("<iI", buf, at)
+            at += 8 + 4 * n_seq_id
+        v_trans, n_layer = struct.unpack_from("<II", buf, at)
+        at += 8
+        for _ in range(n_layer):  # K: type, bytes per row, the rows
+            _, row = struct.unpack_from("<iQ", buf, at)
+            at += 12 + row * n_cells
+        for _ in range(n_layer):  # V: the same, or transposed: type, bytes per value, values per cell
+            if v_trans:
+                _, value, n_embd = struct.unpack_from("<iII", buf, at)
+                at += 12 + value * n_embd * n_cells
+            else:
+                _, row = struct.unpack_from("<iQ", buf, at)
+                at += 12 + row * n_cells
+    return at
 
 
 def check_cell_list(payload, positions: set[int], where: str) -> None:

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import wraps
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -23,17 +23,15 @@ from .contexts import OwnContext, SharedContext, context_params
 from .chat import Chat, saved_chat_problem
 from .errors import Cancelled, ClosedError, SessionFileError, SettingsError, UnsupportedModelError
 from .kvcache import StreamCache, deferred_interrupt
-from .layout import is_json_int, state_problem
+from .layout import is_json_int, state_problem, turn_cut
 from .config import SessionConfig
 from .options import check_n_ctx, kept_forward_mode, not_int, stop_strings
 from .persistence import load_session, save_session, saved_settings
 from .policies import ContextPolicy
 from .sampling import Sampler, SamplingParams
 from .scoring import position_mask, token_nll
-from .textstream import StopMatcher, Utf8Stream, text_pieces
+from .textstream import GenerationChunk, StopMatcher, Utf8Stream, text_pieces
 
-if TYPE_CHECKING:
-    from .model import Model
 
 
 def _exclusive(method):
@@ -43,16 +41,6 @@ def _exclusive(method):
         with self._lock:
             return method(self, *args, **kwargs)
     return locked
-
-
-@dataclass(frozen=True)
-class GenerationChunk:
-    """One step of :meth:`Session.stream_generate`."""
-
-    text: str  # whole characters only; may be empty while a character or stop string is pending
-    token: int | None  # the sampled token (None on the final chunk)
-    finish_reason: str | None = None  # "stop" (end token), "stop_string", "length" on the last chunk
-    end_token: int | None = None  # with "stop": the end-of-generation token (fed to the stream, not in text)
 
 
 @dataclass
@@ -133,7 +121,7 @@ class Session:
     like stay readable.
     """
 
-    def __init__(self, model: "Model", config: SessionConfig | None = None, *,
+    def __init__(self, model, config: SessionConfig | None = None, *,
                  context: SharedContext | None = None, **settings):
         self._lock = threading.RLock()  # re-entrant: feed calls feed_tokens, start_chat calls reset...
         self._stream: StreamCache | None = None
@@ -147,7 +135,8 @@ class Session:
         self.model = model
         self.policy, self.n_ctx, self.batch_size = config.policy, config.n_ctx, config.batch_size
         self.type_k, self.type_v = config.type_k, config.type_v
-        self.kept_forward = kept_forward_mode(config.shift_mode, shared=context is not None)
+        self.kept_forward = kept_forward_mode(config.shift_mode, shared=context is not None,
+                                              sliding_window=model.n_swa > 0)
         if context is not None:
             context.check_config(config)
         slot = OwnContext(model, context_params(model, config), self.n_ctx) if context is None else context.open_slot()
@@ -326,11 +315,11 @@ class Session:
 
     def _aligned_eviction(self, n: int, needed: int) -> int:
         """How many window tokens to evict: the policy's ``n``, or where the conversation says a
-        message begins (see :meth:`Chat.align_cut`); at least ``needed``, which makes room."""
+        message begins (:func:`~edgesink.layout.turn_cut`); at least ``needed``, which makes room."""
         if not n or self._chat is None:
             return n
-        return self._chat.align_cut(n, needed, window_start=self._tokens_seen - self.cache.n_window,
-                                    n_window=self.cache.n_window)
+        return turn_cut(n, needed, self._chat.message_starts, window_start=self._tokens_seen - self.cache.n_window,
+                        n_window=self.cache.n_window)
 
     def first_removable(self) -> int:
         """The oldest stream index :meth:`drop_newest` may cut back to.
@@ -602,7 +591,7 @@ class Session:
         load_session(self, path)
 
     @classmethod
-    def restore(cls, path: "str | os.PathLike", model: "Model", **options) -> "Session":
+    def restore(cls, path: "str | os.PathLike", model, **options) -> "Session":
         """A new session continuing the stream saved at ``path``, with the settings it was saved with.
 
         ``options`` override the saved ones that a session may change (``batch_size``,

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import codecs
 import re
+from dataclasses import dataclass
 from typing import Iterator
 
 TEXT_CHUNK_CHARS = 16_384  # long text is tokenized in pieces of about this size (bounded memory)
 SURROGATES = re.compile("[\ud800-\udfff]")  # lone surrogates cannot be encoded
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One step of :meth:`~edgesink.session.Session.stream_generate`: a piece of text and the token it ends with."""
+
+    text: str  # whole characters only; may be empty while a character or stop string is pending
+    token: int | None  # the sampled token (None on the final chunk)
+    finish_reason: str | None = None  # "stop" (end token), "stop_string", "length" on the last chunk
+    end_token: int | None = None  # with "stop": the end-of-generation token (fed to the stream, not in text)
 
 
 class Utf8Stream:

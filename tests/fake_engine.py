@@ -22,11 +22,12 @@ NO_STATS = SessionStats(tokens_seen=0, tokens_in_cache=0, tokens_kept=0, evictio
 
 
 class FakeModel:
-    """A "loaded model": its name only."""
+    """A "loaded model": its name, and a 512-token sliding window when the name says "swa"."""
 
     def __init__(self, spec, **options):
         self.path = Path(str(spec or "fake-default.gguf"))
         self.options = options
+        self.n_swa = 512 if "swa" in self.path.name else 0
 
     def close(self) -> None:
         pass

@@ -151,6 +151,9 @@ def test_serve_options_reach_the_server(monkeypatch, tmp_path):
     ok(run("serve", "--policy", "halve"))
     ok(run("serve", "-o", "shift_mode=window-back"))
     assert calls[-1][1].policy == Sink(sinks=4, evict_chunk=64)  # a window moved back once per 64 tokens, not per token
+    ok(run("serve", "models/gemma-swa.gguf"))  # a sliding-window model's shared streams move the window back
+    assert calls[-1][1].policy == Sink(sinks=4, evict_chunk=64) and calls[-1][1].shift_mode == "auto"
+    assert "sliding-window" in run("serve", "models/gemma-swa.gguf", "-o", "shift_mode=kept-forward").output
     keys.write_text("# nothing but a comment\n")
     result = run("serve", "--api-keys-file", keys)
     assert result.exit_code == 2 and "holds no key" in result.output

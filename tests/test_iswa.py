@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgesink import Session, SessionConfig, SharedContext
 from edgesink._native import C
 
 N_CTX = 768  # larger than the 512-token sliding window, so both kinds of layers matter
@@ -54,3 +55,33 @@ def test_both_shift_paths_agree_on_both_caches(gemma, gemma_tokens):
         ppl[mode] = float(np.exp(nll[N_CTX:].mean()))  # only tokens scored after evictions began
     assert abs(ppl["kept-forward"] / ppl["window-back"] - 1) < 0.01, ppl
     assert last["kept-forward"].argmax() == last["window-back"].argmax()
+
+
+@pytest.mark.slow(seconds=60)  # Gemma 3 270M through 1,100 tokens twice, on one CPU
+def test_shared_gemma_sessions_compute_what_lone_ones_do_and_saves_move_between_them(gemma, gemma_tokens, tmp_path):
+    """Past the sliding window and past n_ctx, a shared slot (beside another stream) gives bitwise the logits
+    of a lone session. Its memory holds two caches, so its saved state has two sections: a save moves from
+    the shared slot to a lone session and back. Shared Gemma streams move the window back ('auto'): kept
+    tokens written in front of the window would be dropped by llama.cpp's SWA cache."""
+    config = SessionConfig.of(n_ctx=N_CTX, policy="sink", n_threads=1)
+    lone_config = SessionConfig.of(n_ctx=N_CTX, policy="sink", n_threads=1, shift_mode="window-back")
+    with SharedContext(gemma, config, slots=2) as shared, Session(gemma, lone_config) as lone:
+        occupant = Session(gemma, config, context=shared)
+        occupant.feed_tokens(gemma_tokens[1500:1700])
+        with Session(gemma, config, context=shared) as s:
+            assert s.cache.seq == 1 and not s.kept_forward
+            s.feed_tokens(gemma_tokens[:1000]), lone.feed_tokens(gemma_tokens[:1000])
+            assert s.stats.evictions == lone.stats.evictions > 200
+            assert np.array_equal(s.next_logits(), lone.next_logits())
+            assert s.generate_text(12, top_k=1) == lone.generate_text(12, top_k=1)
+            s.save(tmp_path / "shared.session")
+            expected = s.next_logits()
+        with Session.restore(tmp_path / "shared.session", gemma, n_threads=1) as restored:
+            assert np.array_equal(restored.next_logits(), expected)
+            restored.feed_tokens(gemma_tokens[1000:1040])
+            restored.save(tmp_path / "lone.session")
+            after, cached_after = restored.next_logits(), restored.cached_tokens()
+        with Session.restore(tmp_path / "lone.session", gemma, n_threads=1, context=shared) as back:
+            assert np.array_equal(back.next_logits(), after)
+            assert back.cached_tokens() == cached_after
+        occupant.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgesink.layout import CacheLayout, EncodeKeptFresh, Remove, Shift, state_problem
+from edgesink.layout import CacheLayout, EncodeKeptFresh, Remove, Shift, state_problem, turn_cut
 
 
 def layout_with(kept: int, window: int, *, kept_forward: bool = True, rebase_every: int = 100,
@@ -143,3 +143,16 @@ def test_state_problem_names_the_faulty_field(changes, problem):
 
 def test_state_problem_accepts_a_float_decode_time_and_partial_counters():
     assert state_problem(saved(counters={"decode_seconds": 1.5, "tokens_decoded": 3}), n_ctx=8, n_vocab=10) is None
+
+
+def test_the_turn_cut_starts_the_window_at_a_message():
+    """The window holds stream indices 100..199; messages begin at 90 (evicted), 130, 150 and 185."""
+    starts = [90, 130, 150, 185]
+    cut = lambda n, needed: turn_cut(n, needed, starts, window_start=100, n_window=100)  # noqa: E731
+    assert cut(10, 5) == 30  # forward to the first message start at or after what the policy asks
+    assert cut(40, 5) == 50
+    assert cut(90, 60) == 85  # none at or after 90 in the window: back to the last one at or after needed
+    assert cut(90, 88) == 90  # neither: the policy's cut, inside the newest message
+    assert turn_cut(10, 5, [], window_start=100, n_window=100) == 10  # no chat messages: the policy's cut
+    assert turn_cut(10, 5, [90, 95], window_start=100, n_window=100) == 10  # evicted starts are no place to cut
+    assert starts == [90, 130, 150, 185]  # pure: the starts are left as they were

@@ -293,3 +293,30 @@ def test_limits_key_queue_and_body(model_path, tmp_path):
     assert server.wait_for(lambda h: h["running"] == 0)["running"] == 0
     assert server.request("POST", "/v1/chat/completions", short, key)[0] == 200  # the slot came back
     assert server.stop() == 0
+
+
+@pytest.mark.slow(seconds=60)  # Gemma 3 270M through 1,000 tokens twice, on one CPU
+def test_gemma_is_served_past_its_sliding_window_and_past_n_ctx(gemma, prose, tmp_path):
+    """A sliding-window model through the openai client: a completion whose prompt passes the 512-token
+    window and whose stream passes n_ctx, written exactly as a lone session writes it, then a chat."""
+    process = ServeProcess(gemma.path, "--n-ctx", "640", "--threads", "1", "--slots", "2",
+                           log_path=tmp_path / "serve.log").start()
+    try:
+        client = openai.OpenAI(base_url=process.base_url, api_key="unused", timeout=600, max_retries=0)
+        model_id = client.models.list().data[0].id
+        prompt = gemma.detokenize(gemma.tokenize(prose[20_000:40_000])[:600])
+        reply = client.completions.create(model=model_id, prompt=prompt, max_tokens=80, temperature=0,
+                                          extra_headers={"X-Edgesink-Session": "gemma-text"})
+        usage = reply.usage.model_extra
+        assert reply.usage.prompt_tokens > 512 and usage["evicted_tokens"] > 0 and usage["cached_tokens"] <= 640
+        with gemma.session(n_ctx=640, n_threads=1, shift_mode="window-back", evict_chunk=64) as lone:
+            lone.feed(prompt)
+            assert reply.choices[0].text == lone.generate_text(80, temperature=0)
+            assert lone.stats.evictions == usage["evicted_tokens"]
+        info = process.request("GET", "/v1/sessions/gemma-text")[1]
+        assert info["shift_mode"] == "window-back" and info["evictions"] == usage["evicted_tokens"]
+        chat = client.chat.completions.create(model=model_id, max_tokens=16, temperature=0,
+                                              messages=[{"role": "user", "content": "Say hello."}])
+        assert chat.choices[0].message.content.strip()
+    finally:
+        assert process.stop() == 0, process.log()

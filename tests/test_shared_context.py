@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 import edgesink
-from edgesink import ClosedError, NoFreeSlotError, Session, SessionConfig, SettingsError, SharedContext, \
-    UnsupportedModelError
+from edgesink import ClosedError, NoFreeSlotError, Session, SessionConfig, SettingsError, SharedContext
 
 CONFIG = SessionConfig.of(n_ctx=256, shift_mode="window-back", n_threads=1, batch_size=32)
 WORDS = ["apples", "rivers", "violins", "glaciers", "lanterns", "falcons", "copper", "tulips"]
@@ -102,8 +101,9 @@ def test_shared_context_refusals(model, gemma, monkeypatch):
         Session(model, CONFIG, context=shared).close()  # the slot came back
     with pytest.raises(SettingsError, match="slots"):
         SharedContext(model, CONFIG, slots=0)
-    with pytest.raises(UnsupportedModelError, match="sliding-window"):
-        SharedContext(gemma, CONFIG, slots=2)
+    with SharedContext(gemma, CONFIG, slots=1) as shared:  # kept tokens cannot go in front of an SWA cache's window
+        with pytest.raises(SettingsError, match="sliding-window"):
+            Session(gemma, SessionConfig.of(n_ctx=256, shift_mode="kept-forward", n_threads=1), context=shared)
 
 
 def test_closing_the_model_closes_the_shared_context_and_its_sessions(model_path):

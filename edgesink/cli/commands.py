@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -497,8 +496,8 @@ rebinding), a POST must be application/json, and web pages of other origins are 
 
 Served sessions evict as lone ones do: with the patched libllama the few kept cells move
 forward, so sink and window evict one token at a time. With shift_mode window-back (or a stock
-libllama) every cached cell moves, so they evict 64 tokens at a time unless -o evict_chunk=N says
-otherwise (a chat evicts whole turns anyway).
+libllama, or a sliding-window model such as Gemma 3) every cached cell moves, so they evict 64
+tokens at a time unless -o evict_chunk=N says otherwise (a chat evicts whole turns anyway).
 """
 
 
@@ -508,18 +507,15 @@ otherwise (a chat evicts whole turns anyway).
 @serve_options
 @friendly_errors
 def serve(model, session_args, serve_args):
-    from ..serve import EVICT_CHUNK, run  # lazy: the HTTP stack (starlette, uvicorn) loads only to serve
+    from ..serve import run, served_config  # lazy: the HTTP stack (starlette, uvicorn) loads only to serve
 
-    kept_forward = kept_forward_mode(session_args.settings.get("shift_mode", "auto"), shared=True)
-    if not kept_forward and session_args.policy in ("sink", "window") and "evict_chunk" not in session_args.settings:
-        # Moving the window back moves every cell: a plain text stream evicts EVICT_CHUNK tokens at a
-        # time, so it pays that once per chunk, not per token (a chat evicts whole turns anyway).
-        session_args = dataclasses.replace(session_args, settings={**session_args.settings, "evict_chunk": EVICT_CHUNK})
     config = _checked(session_args.config)
+    kept_forward_mode(config.shift_mode, shared=True)  # a shift mode this libllama cannot run: refused at once
     settings = server_settings(serve_args)  # checked before the model loads
     engine = click.get_current_context().find_object(Engine) or Engine()
     _native.set_verbose(session_args.verbose)
     loaded = engine.load(model, **session_args.load_options())
+    config = served_config(loaded, config, evict_chunk_given="evict_chunk" in session_args.settings)
     # Clients name the model by the file's stem, or by the registry or Hub name it was loaded by.
     ids = list(dict.fromkeys([loaded.path.stem] if model is None or looks_like_path(model) else [model, loaded.path.stem]))
     run(loaded, config, model_ids=ids, **settings)

@@ -10,6 +10,7 @@ sessions, :mod:`.turns` one request's work, :mod:`.requests` the checked request
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -18,15 +19,34 @@ from pathlib import Path
 
 import uvicorn
 
+from ..config import SessionConfig
+from ..options import kept_forward_mode
+from ..policies import Sink
 from .access import Access
 from .app import ServeLimits, Server, create_app
 from .connections import with_header_timeout
 from .guard import RequestGuard
 from .pool import SessionPool
 
-__all__ = ["EVICT_CHUNK", "Access", "Listening", "ServeLimits", "Server", "SessionPool", "create_app", "run"]
+__all__ = ["EVICT_CHUNK", "Access", "Listening", "ServeLimits", "Server", "SessionPool", "create_app", "run",
+           "served_config"]
 
-EVICT_CHUNK = 64  # served sink/window sessions evict this many tokens at a time unless told otherwise
+EVICT_CHUNK = 64  # served sink/window sessions that move the window back evict this many tokens at a time
+
+
+def served_config(model, config: SessionConfig, *, evict_chunk_given: bool = False) -> SessionConfig:
+    """``config`` as served sessions run it on ``model`` (loaded).
+
+    Served sessions share a context. Where they cannot move their kept tokens forward (shift_mode
+    window-back, a libllama without patch 0007, a sliding-window model) every eviction moves every
+    cell, so sink and window evict :data:`EVICT_CHUNK` tokens at a time and pay that once per chunk,
+    unless ``evict_chunk_given`` (a chat evicts whole turns anyway).
+    """
+    if evict_chunk_given or kept_forward_mode(config.shift_mode, shared=True, sliding_window=model.n_swa > 0):
+        return config
+    if not isinstance(config.policy, Sink):
+        return config
+    return dataclasses.replace(config, policy=dataclasses.replace(config.policy, evict_chunk=EVICT_CHUNK))
 
 
 @dataclass(frozen=True)
