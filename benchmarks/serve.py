@@ -7,6 +7,10 @@
    other in contexts of their own (what a server without batching does).
 2. long chat: a client that re-sends its whole history, as OpenAI clients do, for 200 turns.
    Tokens fed and seconds per turn must stay flat while the history grows.
+3. fairness (engine): a 4,000-token prompt fed into one session of a shared context while 4 others
+   generate. The generators' 99th-percentile gap between tokens against one prompt chunk plus one
+   generating step (each measured alone, in the same run), and the prompt's speed against its
+   speed alone.
 
     .venv/bin/python benchmarks/serve.py --json benchmarks/results/serve.json
 
@@ -166,6 +170,61 @@ def engine_side_by_side(model, config, n: int, tokens: int) -> dict:
     return {"sessions": n, "together_tokens_per_s": round(together, 1), "one_after_another_tokens_per_s": round(apart, 1)}
 
 
+def fairness(model, config, prompt_tokens: int, generators: int) -> dict:
+    """How much a long prompt delays generating sessions of the same shared context, and they it."""
+    progress(f"fairness: a {prompt_tokens}-token prompt beside {generators} generating sessions")
+    prompt = model.tokenize(prose_message(model, prompt_tokens + 50, 7))[:prompt_tokens]
+    with SharedContext(model, config, slots=generators + 1) as shared:
+        feeder = Session(model, config, context=shared)
+        start = time.perf_counter()
+        feeder.feed_tokens(prompt)
+        alone_s = time.perf_counter() - start
+        chunk_s = alone_s / -(-len(prompt) // config.batch_size)  # the prompt is fed batch_size tokens at a time
+        feeder.reset()
+        sessions = [Session(model, config, context=shared) for _ in range(generators)]
+        for i, s in enumerate(sessions):
+            s.feed(prose_message(model, 200, i))
+        feeding, times = threading.Event(), [[] for _ in sessions]
+
+        def generate(i, until):
+            with shared.busy():
+                for chunk in sessions[i].stream_generate(100_000, seed=i + 1):
+                    times[i].append(time.perf_counter())
+                    if until():
+                        return
+
+        steps_until = time.perf_counter() + 3.0  # generating alone first: one step's gap
+        _together(lambda i: generate(i, lambda: time.perf_counter() > steps_until), generators)
+        step_s = statistics.median(b - a for t in times for a, b in zip(t, t[1:]))
+        times = [[] for _ in sessions]
+        threads = [threading.Thread(target=generate, args=(i, lambda: not feeding.is_set())) for i in range(generators)]
+        feeding.set()
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # every generator is stepping before the prompt arrives
+        with shared.busy():
+            decodes, requests = shared.decodes, shared.decoded_requests
+            start = time.perf_counter()
+            feeder.feed_tokens(prompt)
+            together_s = time.perf_counter() - start
+            end = time.perf_counter()
+            decodes, requests = shared.decodes - decodes, shared.decoded_requests - requests
+        feeding.clear()
+        for t in threads:
+            t.join()
+        gaps = sorted(b - a for t in times for a, b in zip(t, t[1:]) if start <= a and b <= end)
+        for s in [feeder, *sessions]:
+            s.close()
+    p99 = gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))]
+    return {"prompt_tokens": len(prompt), "generators": generators, "chunk_tokens": config.batch_size,
+            "prompt_alone_s": round(alone_s, 2), "prompt_beside_generators_s": round(together_s, 2),
+            "prompt_speed_ratio": round(alone_s / together_s, 3),
+            "decodes_while_feeding": decodes, "requests_per_decode": round(requests / max(1, decodes), 2),
+            "chunk_ms": round(chunk_s * 1e3, 1), "step_ms": round(step_s * 1e3, 1),
+            "gaps_while_feeding": len(gaps), "p50_gap_ms": round(1e3 * statistics.median(gaps), 1),
+            "p99_gap_ms": round(p99 * 1e3, 1), "p99_over_chunk_plus_step": round(p99 / (chunk_s + step_s), 3)}
+
+
 def long_chat(model, config, port, sessions_dir, turns: int, reply_tokens: int) -> dict:
     stop = start_server(model, config, 2, port, sessions_dir)
     history = [{"role": "system", "content": "You are a friendly assistant who answers briefly."}]
@@ -209,8 +268,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8471)
     parser.add_argument("--sessions-dir", default="/tmp/edgesink-bench-sessions",
                         help="The long chat's --sessions folder (saved after every turn, as a durable server does).")
-    parser.add_argument("--parts", default="api,engine,chat",
-                        help="Which parts to run: api (streaming over the API), engine (side by side), chat (long chat).")
+    parser.add_argument("--parts", default="api,engine,chat,fairness",
+                        help="Which parts to run: api (streaming over the API), engine (side by side), chat (long chat), "
+                             "fairness (a long prompt beside generating sessions).")
+    parser.add_argument("--prompt-tokens", type=int, default=4000, help="fairness: the long prompt's length")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -228,6 +289,8 @@ def main() -> None:
     if "chat" in parts:
         progress("long chat")
         report["long_chat"] = long_chat(model, config, args.port + 1, args.sessions_dir, args.turns, 32)
+    if "fairness" in parts:
+        report["fairness"] = fairness(model, config, args.prompt_tokens, 4)
     publish(report, args.json)
 
 

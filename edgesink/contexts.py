@@ -205,7 +205,9 @@ class SharedContext:
         config: the :class:`~edgesink.config.SessionConfig` of its streams: every session on it has
             this n_ctx, these cache types, threads and batch size (policies may differ).
         slots: how many streams it holds at most.
-        gather_s: how long a decode waits for the other busy streams' decodes to join it.
+        gather_s: how long a decode waits at least for the other busy streams' decodes to join it;
+            after a long decode (a prompt's chunk) up to 1/20 of that decode's time, so that streams
+            still sampling their next token ride along instead of waiting for the next chunk.
 
     A decode blocks until it was carried out: the first thread to arrive leads, waits until every
     thread inside :meth:`busy` has submitted its own decode (or ``gather_s`` passed), then decodes
@@ -235,6 +237,7 @@ class SharedContext:
         self.max_decode = C.llama_n_batch(self.ctx)
         self._batch = _Batch(self.max_decode)
         self.gather_s = gather_s
+        self._last_decode_s = 0.0
         self.lock = threading.RLock()  # every llama.cpp call on the context
         self._cond = threading.Condition()
         self._pending: list[_Request] = []
@@ -315,44 +318,55 @@ class SharedContext:
         return request.rows
 
     def _lead(self) -> None:
-        deadline = time.monotonic() + self.gather_s
+        deadline = time.monotonic() + max(self.gather_s, self._last_decode_s / 20)
         with self._cond:
             while len(self._pending) < self._busy and time.monotonic() < deadline:
                 self._cond.wait(max(0.0, deadline - time.monotonic()))
             taken = [r for r in self._pending if len(r.tokens) > self.n_batch][:1]  # kept tokens at once: alone
             room = self.n_batch if not taken else 0
-            for request in sorted(self._pending, key=lambda r: r.seq):  # consecutive sequences batch together
+            for request in self._pending:  # first come, first served: no stream waits behind later ones
                 if len(request.tokens) <= room:
                     taken.append(request)
                     room -= len(request.tokens)
             self._pending = [r for r in self._pending if r not in taken]
-        if taken:  # empty when an earlier leader took this thread's request along
-            self._decode_together(taken)
+        # One llama_decode per length, shortest first: llama.cpp splits a batch of several streams into
+        # ubatches of as many tokens from each, so a prompt's chunk beside one-token steps would cost
+        # more than the two apart; and the steps' streams get their logits (and sample) meanwhile.
+        for length in sorted({len(r.tokens) for r in taken}):  # none: an earlier leader took this one along
+            # In sequence order: llama.cpp computes consecutive sequences in one ubatch.
+            self._decode_together(sorted((r for r in taken if len(r.tokens) == length), key=lambda r: r.seq))
 
     def _decode_together(self, requests: list[_Request]) -> None:
         with self.lock:
             try:
-                if not self.ctx:
-                    raise DecodeError("the shared context is closed")
-                start = 0
-                for r in requests:
-                    self._batch.fill(start, r.tokens, r.pos0, r.seq, r.want)
-                    start += len(r.tokens)
-                self._batch.batch.n_tokens = start
-                rc = C.llama_decode(self.ctx, self._batch.batch)
-                if rc != 0:
-                    raise _decode_error(rc, start, requests[0].pos0)
-                self.decodes += 1
-                self.decoded_requests += len(requests)
-                start = 0
-                for r in requests:
-                    r.rows = _output_rows(self.ctx, start + np.flatnonzero(r.want), self.model.n_vocab)
-                    start += len(r.tokens)
+                self._decode_requests(requests)
             except Exception as error:  # every request of the batch learns it failed
                 for r in requests:
                     r.error = error
+            finally:  # even on a BaseException: no thread may wait for ever on a request taken here
+                for r in requests:
+                    r.done.set()
+
+    def _decode_requests(self, requests: list[_Request]) -> None:
+        """One llama_decode of every request's tokens (the lock held); each request gets its rows."""
+        if not self.ctx:
+            raise DecodeError("the shared context is closed")
+        start = 0
         for r in requests:
-            r.done.set()
+            self._batch.fill(start, r.tokens, r.pos0, r.seq, r.want)
+            start += len(r.tokens)
+        self._batch.batch.n_tokens = start
+        began = time.perf_counter()
+        rc = C.llama_decode(self.ctx, self._batch.batch)
+        self._last_decode_s = time.perf_counter() - began
+        if rc != 0:
+            raise _decode_error(rc, start, requests[0].pos0)
+        self.decodes += 1
+        self.decoded_requests += len(requests)
+        start = 0
+        for r in requests:
+            r.rows = _output_rows(self.ctx, start + np.flatnonzero(r.want), self.model.n_vocab)
+            start += len(r.tokens)
 
     def close(self) -> None:
         """Free the context; sessions still on it then raise ClosedError. Idempotent."""
