@@ -210,10 +210,10 @@ class SharedContext:
             still sampling their next token ride along instead of waiting for the next chunk.
 
     A decode blocks until it was carried out: the first thread to arrive leads, waits until every
-    thread inside :meth:`busy` has submitted its own decode (or ``gather_s`` passed), then decodes
-    all of them in one ``llama_decode`` and hands each its logits. Without :meth:`busy` callers a
-    decode runs at once. llama.cpp batches consecutive sequence ids together, so slots are handed
-    out lowest first.
+    thread inside :meth:`busy` has submitted its own decode (or ``gather_s`` passed), then takes
+    them first come first served, decodes those of each length in one ``llama_decode`` (shortest
+    first) and hands each its logits. Without :meth:`busy` callers a decode runs at once.
+    llama.cpp batches consecutive sequence ids together, so slots are handed out lowest first.
     """
 
     def __init__(self, model, config, *, slots: int, gather_s: float = 0.005):
