@@ -112,7 +112,6 @@ class ContextSlot(Protocol):
     scratch_seq: int | None  # a sequence to re-encode kept tokens alone; None: re-encode in place
     shared: bool  # other streams decode in the same context
     n_batch: int  # tokens per decode while feeding
-    max_decode: int  # the most tokens one decode takes (in place, all kept tokens at once)
     lock: AbstractContextManager  # held around every use of ctx and mem
 
     @property
@@ -150,7 +149,7 @@ class OwnContext:
         self.model = model
         self.ctx = new_context(model, params, f"a context of n_ctx {capacity}")
         self.mem = C.llama_get_memory(self.ctx)
-        self.n_batch = self.max_decode = C.llama_n_batch(self.ctx)
+        self.n_batch = C.llama_n_batch(self.ctx)
         self._batch = _Batch(self.n_batch)
         self.lock = nullcontext()  # nothing else touches this context
 
@@ -412,7 +411,6 @@ class SharedSlot:
         self.model = shared.model
         self.seq = seq
         self.n_batch = shared.n_batch
-        self.max_decode = shared.max_decode
         self.lock = shared.lock
 
     @property
