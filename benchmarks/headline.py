@@ -82,8 +82,9 @@ def latency(model, n_ctx, steps, threads):
 
 
 class _Workers:
-    """One thread per session, each inside ``shared.busy()`` for the whole run (as a served request is),
-    so every round's steps meet in one llama_decode; :meth:`round` times one step of every session."""
+    """One thread per session, each inside its slot's ``running()`` for the whole run (as a served
+    session's generation is), so every round's steps meet in one llama_decode; :meth:`round` times
+    one step of every session."""
 
     def __init__(self, shared, sessions):
         self.shared, self.sessions = shared, sessions
@@ -94,7 +95,7 @@ class _Workers:
             t.start()
 
     def _work(self, session):
-        with self.shared.busy():
+        with session.cache.slot.running():
             while True:
                 self.start.wait()
                 if self.action is None:

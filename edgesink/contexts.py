@@ -15,10 +15,12 @@ tokens of its sequence, move or remove its cells, save or restore its cells. Two
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import threading
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -125,6 +127,10 @@ class ContextSlot(Protocol):
     def decode(self, tokens, pos0: int, seq: int, want_logits) -> np.ndarray:
         """Decode ``tokens`` at ``pos0...`` in ``seq``; the logits rows of the tokens ``want_logits`` marks."""
 
+    def running(self) -> AbstractContextManager:
+        """Open while the stream decodes one request after another (feeding, generating), so that a
+        shared context's rounds wait for its next request rather than leave it a round behind."""
+
     def clear(self) -> None:
         """Remove every cell of the stream."""
 
@@ -152,6 +158,10 @@ class OwnContext:
         self.n_batch = C.llama_n_batch(self.ctx)
         self._batch = _Batch(self.n_batch)
         self.lock = nullcontext()  # nothing else touches this context
+
+    def running(self) -> AbstractContextManager:
+        """Nothing to mark: no other stream waits for this one."""
+        return nullcontext()
 
     def decode(self, tokens, pos0: int, seq: int, want_logits) -> np.ndarray:
         """Decode ``tokens`` at ``pos0...`` in ``seq``; the logits rows of the marked tokens, copied."""
@@ -204,18 +214,26 @@ class SharedContext:
         config: the :class:`~edgesink.config.SessionConfig` of its streams: every session on it has
             this n_ctx, these cache types, threads and batch size (policies may differ).
         slots: how many streams it holds at most.
-        gather_s: how long a decode waits at least for the other busy streams' decodes to join it;
-            after a long decode (a prompt's chunk) up to 1/20 of that decode's time, so that streams
-            still sampling their next token ride along instead of waiting for the next chunk.
+        late_s: how long a round waits for a running stream's next decode before it goes without
+            it (a caller that does slow work between tokens); that stream is then not waited for
+            again until it asks.
 
-    A decode blocks until it was carried out: the first thread to arrive leads, waits until every
-    thread inside :meth:`busy` has submitted its own decode (or ``gather_s`` passed), then takes
-    them first come first served, decodes those of each length in one ``llama_decode`` (shortest
-    first) and hands each its logits. Without :meth:`busy` callers a decode runs at once.
+    One thread, the context's *driver*, makes every ``llama_decode`` call. Streams only queue a
+    request and wait for its logits. Each *round* the driver takes every waiting one-token step
+    and, first come first served, longer requests (a prompt's chunk, kept tokens re-encoded) of
+    up to one chunk (the config's ``batch_size`` tokens, what a session feeds at a time; an
+    oversized request goes alone, with the steps). It decodes those of each length in one
+    ``llama_decode``, shortest first, and hands each its logits at once. So a generating stream
+    waits at most one chunk, while a prompt is fed nearly at its own speed.
+
+    Before a round the driver waits for the streams inside a run (:meth:`SharedSlot.running`:
+    a Session's feed or generation) that are not asking yet: they are sampling their next token
+    and would otherwise miss the round and wait a whole chunk. Streams join and leave between
+    rounds. The driver starts with the first request and ends when no stream is running.
     llama.cpp batches consecutive sequence ids together, so slots are handed out lowest first.
     """
 
-    def __init__(self, model, config, *, slots: int, gather_s: float = 0.005):
+    def __init__(self, model, config, *, slots: int, late_s: float = 0.02):
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise SettingsError(f"a shared context needs an integer number of slots >= 1, got {slots!r}")
         self.model = model
@@ -235,13 +253,14 @@ class SharedContext:
         self.n_batch = C.llama_n_ubatch(self.ctx)
         self.max_decode = C.llama_n_batch(self.ctx)
         self._batch = _Batch(self.max_decode)
-        self.gather_s = gather_s
-        self._last_decode_s = 0.0
+        self.chunk = config.batch_size  # the tokens of longer requests a round takes: a prompt's chunk
+        self.late_s = late_s
         self.lock = threading.RLock()  # every llama.cpp call on the context
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # guards the queue below, the slots and the driver's life
         self._pending: list[_Request] = []
-        self._leading = False
-        self._busy = 0
+        self._running: collections.Counter[int] = collections.Counter()  # sequence -> runs open on it
+        self._late: set[int] = set()  # running sequences a round stopped waiting for
+        self._driver: threading.Thread | None = None
         self._free = list(range(slots))
         self.decodes = 0  # llama_decode calls, and the sequences they carried: batching at work
         self.decoded_requests = 0
@@ -257,7 +276,7 @@ class SharedContext:
             raise SettingsError(f"batch_size {config.batch_size} exceeds the shared context's batch of {self.n_batch}")
 
     def open_slot(self) -> "SharedSlot":
-        """A free sequence of this context (empty), or RuntimeError when all are taken."""
+        """A free sequence of this context (empty), or NoFreeSlotError when all are taken."""
         with self._cond:
             if not self.ctx:
                 raise ClosedError("this shared context is closed")
@@ -282,58 +301,82 @@ class SharedContext:
         with self._cond:
             return len(self._free)
 
-    # -- batched decoding -------------------------------------------------------------------
+    # -- the driver ------------------------------------------------------------------------------
 
-    def busy(self):
-        """Mark the calling thread as working on a stream, so decodes wait for its decode to join."""
-        return _Busy(self)
+    @contextmanager
+    def running(self, seq: int) -> Iterator[None]:
+        """While open, rounds wait (up to ``late_s``) for ``seq``'s next decode (see the class)."""
+        with self._cond:
+            self._running[seq] += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running[seq] -= 1
+                if self._running[seq] <= 0:
+                    del self._running[seq]
+                    self._late.discard(seq)
+                self._cond.notify_all()
 
     def decode(self, seq: int, tokens, pos0: int, want_logits) -> np.ndarray:
-        """Decode ``tokens`` of sequence ``seq`` at ``pos0...``, in one llama_decode with whatever other
-        sequences submit meanwhile; the logits rows of the tokens marked in ``want_logits``, copied."""
+        """Decode ``tokens`` of sequence ``seq`` at ``pos0...`` in the driver's next round; the logits
+        rows of the tokens marked in ``want_logits``, copied."""
         if len(tokens) > self.max_decode:
             raise ValueError(f"{len(tokens)} tokens exceed the shared context's batch of {self.max_decode}")
         request = _Request(seq, list(tokens), pos0, np.asarray(want_logits, dtype=np.int8))
         with self._cond:
+            if not self.ctx:
+                raise DecodeError("the shared context is closed")
             self._pending.append(request)
+            self._late.discard(seq)
+            if self._driver is None:
+                self._driver = threading.Thread(target=self._drive, name="edgesink-driver", daemon=True)
+                self._driver.start()
             self._cond.notify_all()
-        # The first to arrive leads; a request the leader left out (the batch was full) leads next.
-        while not request.done.is_set():
-            with self._cond:
-                lead = not self._leading and not request.done.is_set()
-                if lead:
-                    self._leading = True
-                else:
-                    self._cond.wait(0.05)
-            if lead:
-                try:
-                    self._lead()
-                finally:
-                    with self._cond:
-                        self._leading = False
-                        self._cond.notify_all()
+        request.done.wait()
         if request.error is not None:
             raise request.error
         return request.rows
 
-    def _lead(self) -> None:
-        deadline = time.monotonic() + max(self.gather_s, self._last_decode_s / 20)
-        with self._cond:
-            while len(self._pending) < self._busy and time.monotonic() < deadline:
-                self._cond.wait(max(0.0, deadline - time.monotonic()))
-            taken = [r for r in self._pending if len(r.tokens) > self.n_batch][:1]  # kept tokens at once: alone
-            room = self.n_batch if not taken else 0
-            for request in self._pending:  # first come, first served: no stream waits behind later ones
-                if len(request.tokens) <= room:
-                    taken.append(request)
-                    room -= len(request.tokens)
-            self._pending = [r for r in self._pending if r not in taken]
-        # One llama_decode per length, shortest first: llama.cpp splits a batch of several streams into
-        # ubatches of as many tokens from each, so a prompt's chunk beside one-token steps would cost
-        # more than the two apart; and the steps' streams get their logits (and sample) meanwhile.
-        for length in sorted({len(r.tokens) for r in taken}):  # none: an earlier leader took this one along
-            # In sequence order: llama.cpp computes consecutive sequences in one ubatch.
-            self._decode_together(sorted((r for r in taken if len(r.tokens) == length), key=lambda r: r.seq))
+    def _drive(self) -> None:
+        """The driver thread: rounds until nothing is queued and no stream is running."""
+        while True:
+            with self._cond:
+                taken = self._next_round()
+                if not taken:
+                    self._driver = None
+                    return
+            # One llama_decode per length, shortest first: llama.cpp splits a batch of several streams into
+            # ubatches of as many tokens from each, so a prompt's chunk beside one-token steps would cost
+            # more than the two apart; and the steps' streams get their logits (and sample) meanwhile.
+            for length in sorted({len(r.tokens) for r in taken}):
+                # In sequence order: llama.cpp computes consecutive sequences in one ubatch.
+                self._decode_together(sorted((r for r in taken if len(r.tokens) == length), key=lambda r: r.seq))
+
+    def _next_round(self) -> list[_Request]:
+        """The requests of the next round (``_cond`` held); none when the driver should end."""
+        while not self._pending:
+            if not self._running or not self.ctx:
+                return []
+            self._cond.wait()
+        # Running streams not asking yet are sampling their next token: wait for them, not for ever.
+        deadline = time.monotonic() + self.late_s
+        while missing := set(self._running) - {r.seq for r in self._pending} - self._late:
+            if time.monotonic() >= deadline:
+                self._late |= missing
+                break
+            self._cond.wait(max(0.0, deadline - time.monotonic()))
+        steps = [r for r in self._pending if len(r.tokens) == 1]
+        longer = [r for r in self._pending if len(r.tokens) > 1]
+        taken, room = steps, self.chunk
+        for request in longer:  # first come, first served; the first is taken even when oversized
+            if len(request.tokens) <= room or room == self.chunk:
+                taken.append(request)
+                room -= len(request.tokens)
+            if room <= 0:
+                break
+        self._pending = [r for r in self._pending if r not in taken]
+        return taken
 
     def _decode_together(self, requests: list[_Request]) -> None:
         with self.lock:
@@ -355,9 +398,7 @@ class SharedContext:
             self._batch.fill(start, r.tokens, r.pos0, r.seq, r.want)
             start += len(r.tokens)
         self._batch.batch.n_tokens = start
-        began = time.perf_counter()
         rc = C.llama_decode(self.ctx, self._batch.batch)
-        self._last_decode_s = time.perf_counter() - began
         if rc != 0:
             raise _decode_error(rc, start, requests[0].pos0)
         self.decodes += 1
@@ -375,6 +416,10 @@ class SharedContext:
                 self._batch.free()
                 C.llama_free(self.ctx)
                 self.ctx = None
+        cond = getattr(self, "_cond", None)
+        if cond is not None:
+            with cond:  # queued requests fail (DecodeError), and the driver ends
+                cond.notify_all()
 
     def __enter__(self) -> "SharedContext":
         return self
@@ -384,20 +429,6 @@ class SharedContext:
 
     def __del__(self):
         self.close()
-
-
-class _Busy:
-    def __init__(self, shared: SharedContext):
-        self.shared = shared
-
-    def __enter__(self):
-        with self.shared._cond:
-            self.shared._busy += 1
-
-    def __exit__(self, *exc):
-        with self.shared._cond:
-            self.shared._busy -= 1
-            self.shared._cond.notify_all()
 
 
 class SharedSlot:
@@ -423,6 +454,10 @@ class SharedSlot:
 
     def decode(self, tokens, pos0: int, seq: int, want_logits) -> np.ndarray:
         return self.owner.decode(seq, tokens, pos0, want_logits)
+
+    def running(self) -> AbstractContextManager:
+        """The context's rounds wait for this stream's next request while open."""
+        return self.owner.running(self.seq)
 
     def clear(self) -> None:
         with self.lock:

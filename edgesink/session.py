@@ -11,7 +11,7 @@ import operator
 import os
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import wraps
 from typing import Callable, Iterable, Iterator
@@ -108,7 +108,6 @@ class Session:
         rebase_every: move positions back after this many evicted tokens (default n_ctx).
         context: a :class:`~edgesink.contexts.SharedContext` to live in (one of its sequences),
             decoding together with the other sessions there; None (default): a context of its own.
-            Shared sessions move the window back when they evict (see :mod:`edgesink.contexts`).
 
     Threads may share a session: a lock lets one call at a time work on its context. Each
     ``feed``, ``score``, ``reset``, ``start_chat``, ``stats``... runs whole, so two threads feeding
@@ -343,6 +342,11 @@ class Session:
 
     # -- feeding -------------------------------------------------------------------------------
 
+    def _run(self) -> AbstractContextManager:
+        """Around a series of decodes (a feed, a generation): a shared context's rounds wait for this
+        stream's next decode instead of leaving it a round behind (see :class:`SharedContext`)."""
+        return self._check_open().slot.running()
+
     @contextmanager
     def cancel_when(self, stopped: Callable[[], bool]) -> Iterator[None]:
         """Within this block, feeding checks ``stopped()`` before each batch and raises
@@ -367,10 +371,10 @@ class Session:
         call. Text is tokenized in pieces split at whitespace, so memory stays bounded; special
         token strings (``<|im_start|>``...) stay literal text.
         """
-        self._check_open()
         n = 0
-        for piece in self._text_pieces(text):
-            n += self.feed_tokens(self.model.tokenize(piece))
+        with self._run():
+            for piece in self._text_pieces(text):
+                n += self.feed_tokens(self.model.tokenize(piece))
         return n
 
     @_exclusive
@@ -380,7 +384,8 @@ class Session:
         tokens = self._checked_tokens(tokens)
         tokens = self._bos_prefix(tokens) + tokens
         start = time.perf_counter()
-        self._ingest(tokens, want=None)
+        with self._run():
+            self._ingest(tokens, want=None)
         self._feed_rate.add(len(tokens), start)
         return len(tokens)
 
@@ -410,9 +415,10 @@ class Session:
         nll = np.full(len(tokens), np.nan)
         start = time.perf_counter()
         bos = self._bos_prefix(tokens)
-        if bos:  # fed first and not scored: the text's first token is then predicted from it
-            self._ingest(bos, want=None)
-        self._ingest(tokens, want=scored, nll=nll)
+        with self._run():
+            if bos:  # fed first and not scored: the text's first token is then predicted from it
+                self._ingest(bos, want=None)
+            self._ingest(tokens, want=scored, nll=nll)
         self._feed_rate.add(len(tokens), start)
         return nll
 
@@ -538,7 +544,7 @@ class Session:
             raise ValueError("nothing to continue: feed a prompt first")
         utf8, stops = Utf8Stream(), StopMatcher(stop_strings(stop))
         n = 0
-        with Sampler(params, self.model) as sampler:
+        with Sampler(params, self.model) as sampler, self._run():
             while max_tokens is None or n < max_tokens:
                 token, piece = self._generate_one(sampler)
                 n += 1

@@ -28,7 +28,7 @@ def run_together(shared: SharedContext, model, texts, config=CONFIG):
 
     def work(i):
         try:
-            with shared.busy(), Session(model, config, context=shared) as s:
+            with Session(model, config, context=shared) as s:
                 s.feed(texts[i])
                 results[i] = (s.next_logits(), s.generate_text(12, temperature=0), s.cached_tokens())
         except Exception as error:  # reported by the main thread

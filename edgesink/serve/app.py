@@ -221,7 +221,7 @@ class Server:
             with self.working:
                 self.in_workers += 1
             try:
-                with self.pool.using(conversation), self.pool.shared.busy():  # busy: decodes wait to batch with ours
+                with self.pool.using(conversation):
                     for piece in turn_fn(self.pool, conversation, parsed, run.turn, run.stop.is_set,
                                          self.prompt_limits):
                         emit(("piece", piece))
