@@ -239,8 +239,8 @@ define beside-vulkan-ggml
 endef
 
 $(VULKAN_LIB): $(VULKAN_GGML) $(VENV)/.edgesink-installed
-	$(call beside-vulkan-ggml,"$$($(PY) -c 'import importlib.metadata as m; \
-	    print(m.distribution("edgesink").locate_file("edgesink/lib/libllama.so"))')",build/vulkan/lib)
+	$(call beside-vulkan-ggml,"$$(env -u EDGESINK_LIB_PATH $(PY) -c 'from edgesink.bindings import LIBRARY_FOLDER; \
+	    print(LIBRARY_FOLDER / "libllama.so")')",build/vulkan/lib)
 
 $(VULKAN_STOCK_LIB): $(VULKAN_GGML) $(STOCK_LIB)
 	$(call beside-vulkan-ggml,$(STOCK_LIB),build/vulkan-stock/lib)

@@ -34,16 +34,13 @@ from edgesink.bench.machine import publish, repo_relative
 from edgesink.corpus import austen_text
 
 
-THREADS = None  # set by --threads; a busy machine wants 1 (llama.cpp's threads wait for each other)
-
-
-def quality(model, n_ctx, n_tokens, n_sample):
+def quality(model, n_ctx, n_tokens, n_sample, threads):
     tokens = model.tokenize(austen_text()[: n_tokens * 6])[:n_tokens]
     positions = np.linspace(2 * n_ctx, n_tokens - 1, n_sample).astype(int)
     results = {}
     for name in ("sink", "halve", "window", "recompute"):
         start = time.perf_counter()
-        with model.session(n_ctx=n_ctx, policy=name, n_threads=THREADS) as s:
+        with model.session(n_ctx=n_ctx, policy=name, n_threads=threads) as s:
             nll = s.score_tokens(tokens, positions=positions)
         results[name] = {"ppl": float(np.exp(np.nanmean(nll[positions]))), "seconds": time.perf_counter() - start}
         print(name, results[name], flush=True)
@@ -174,13 +171,12 @@ def main():
                         help="threads per decode; latency takes a list (1,2), each measured in turn")
     parser.add_argument("--model", default=None, help="a .gguf path or registry name (default: the default model)")
     args = parser.parse_args()
+    # A busy machine wants 1 thread: llama.cpp's threads wait for each other.
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [None]
-    global THREADS
-    THREADS = threads[0]
     model = edgesink.load(args.model)
     n_ctxs = [int(n) for n in args.n_ctx.split(",")]
     if args.what == "quality":
-        runs = [quality(model, n, args.tokens, args.sample) for n in n_ctxs]
+        runs = [quality(model, n, args.tokens, args.sample, threads[0]) for n in n_ctxs]
     elif args.what == "latency":
         runs = [latency(model, n, args.steps, t) for t in threads for n in n_ctxs]
     else:

@@ -7,12 +7,19 @@
    other in contexts of their own (what a server without batching does).
 2. long chat: a client that re-sends its whole history, as OpenAI clients do, for 200 turns.
    Tokens fed and seconds per turn must stay flat while the history grows.
-3. fairness (engine): a 4,000-token prompt fed into one session of a shared context while 4 others
+3. batching throughput (engine): 1, 4 and 8 sessions generating at once in a shared context, at
+   n_ctx 512 and 2048, against the bare bindings stepping the same sequences with one llama_decode
+   per step (the engine's ceiling on the machine).
+4. fairness (engine): a 4,000-token prompt fed into one session of a shared context while 4 others
    generate. The generators' 99th-percentile gap between tokens against one prompt chunk plus one
    generating step (each measured alone, in the same run), and the prompt's speed against its
    speed alone.
+5. soak (only with --parts soak): 16 clients on 4 slots for 2 minutes, a quarter of their requests
+   abandoned mid-reply. Every request answered once or refused, no conversation holding another's
+   messages or tokens, checked in llama.cpp's cells.
 
     .venv/bin/python benchmarks/serve.py --json benchmarks/results/serve.json
+    .venv/bin/python benchmarks/serve.py --parts soak --json benchmarks/results/serve_soak.json
 
 The server runs in this process (uvicorn in a thread) and is reached on 127.0.0.1 only.
 """
@@ -20,6 +27,7 @@ The server runs in this process (uvicorn in a thread) and is reached on 127.0.0.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import http.client
 import json
@@ -34,6 +42,7 @@ import uvicorn
 import edgesink
 from edgesink import Session, SessionConfig, SharedContext
 from edgesink.bindings import C
+from edgesink import seqstate
 from edgesink.contexts import context_params
 from edgesink.bench.machine import publish
 from edgesink.corpus import austen_text
@@ -173,57 +182,82 @@ def engine_side_by_side(model, config, n: int, tokens: int) -> dict:
     return {"sessions": n, "together_tokens_per_s": round(together, 1), "one_after_another_tokens_per_s": round(apart, 1)}
 
 
-def batching_throughput(model, config, n: int, tokens: int) -> dict:
+def batching_throughput(model, config, n: int, tokens: int, rounds: int = 3) -> dict:
     """n endless sessions generating at once in a shared context (each its own thread, past its window,
     evicting every token), against the bare bindings' ceiling: the same n sequences, filled as full,
-    stepped by one ``llama_decode`` of n tokens per step, greedy, no eviction, no Python layer."""
+    stepped by one ``llama_decode`` of n tokens per step, greedy, no eviction, no Python layer.
+    ``rounds`` of ``tokens`` tokens each, the two alternating (a busy machine slows both alike);
+    the medians of the rounds' rates."""
     progress(f"batching throughput: {n} sessions, n_ctx {config.n_ctx}")
     streams = [model.tokenize(prose_message(model, config.n_ctx + 100, i)) for i in range(n)]
-    with SharedContext(model, config, slots=n) as shared:
+    ours, bare_rates = [], []
+    with SharedContext(model, config, slots=n) as shared, _BareBindings(model, config, n) as bare:
         sessions = [Session(model, config, context=shared) for _ in range(n)]
         for s, stream in zip(sessions, streams):
             s.feed_tokens(stream)
-        start = time.perf_counter()
-        produced = sum(_together(lambda i: sum(1 for _ in sessions[i].stream_generate(tokens, seed=i + 1)), n))
-        ours = produced / (time.perf_counter() - start)
+        bare.fill([stream[: config.n_ctx - rounds * tokens - 1] for stream in streams])
+        for r in range(rounds):
+            start = time.perf_counter()
+            produced = sum(_together(lambda i: sum(1 for _ in sessions[i].stream_generate(tokens, seed=r * n + i + 1)), n))
+            ours.append(produced / (time.perf_counter() - start))
+            bare_rates.append(bare.rate(tokens))
         evictions = sum(s.stats.evictions for s in sessions)
         for s in sessions:
             s.close()
-    bare = _bare_bindings_rate(model, config, [stream[: config.n_ctx - tokens - 1] for stream in streams], tokens)
-    return {"sessions": n, "n_ctx": config.n_ctx, "tokens_per_session": tokens, "evictions": evictions,
-            "edgesink_tokens_per_s": round(ours, 1), "bare_bindings_tokens_per_s": round(bare, 1),
-            "edgesink_over_bare": round(ours / bare, 3)}
+    ours_rate, bare_rate = statistics.median(ours), statistics.median(bare_rates)
+    return {"sessions": n, "n_ctx": config.n_ctx, "tokens_per_session": tokens * rounds, "rounds": rounds,
+            "evictions": evictions, "edgesink_tokens_per_s": round(ours_rate, 1),
+            "bare_bindings_tokens_per_s": round(bare_rate, 1), "edgesink_over_bare": round(ours_rate / bare_rate, 3),
+            "edgesink_rounds": [round(x, 1) for x in ours], "bare_rounds": [round(x, 1) for x in bare_rates]}
 
 
-def _bare_bindings_rate(model, config, prefixes: list[list[int]], tokens: int) -> float:
-    """Tokens/s of len(prefixes) sequences stepped together through llama.cpp's bindings alone."""
-    n = len(prefixes)
-    params = context_params(model, config)
-    params.n_ctx, params.n_seq_max, params.kv_unified = config.n_ctx * n, n, False  # as a SharedContext
-    params.n_batch = params.n_ubatch = max(512, n)
-    ctx = C.llama_init_from_model(model.handle, params)
-    batch = C.llama_batch_init(params.n_batch, 0, 1)
-    try:
-        def decode(items):  # [(token, pos, seq, logits)]
-            for i, (token, pos, seq, logits) in enumerate(items):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
-                batch.seq_id[i][0] = seq
-            batch.n_tokens = len(items)
-            assert C.llama_decode(ctx, batch) == 0
+class _BareBindings:
+    """n sequences in a context shaped as a SharedContext's, stepped through llama.cpp's bindings alone."""
+
+    def __init__(self, model, config, n: int):
+        self.model, self.n = model, n
+        params = context_params(model, config)
+        params.n_ctx, params.n_seq_max, params.kv_unified = config.n_ctx * n, n, False
+        params.n_batch = params.n_ubatch = max(512, n)
+        self.n_batch = params.n_batch
+        self.ctx = C.llama_init_from_model(model.handle, params)
+        self.batch = C.llama_batch_init(params.n_batch, 0, 1)
+
+    def _decode(self, items) -> None:  # [(token, pos, seq, logits)]
+        b = self.batch
+        for i, (token, pos, seq, logits) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(items)
+        assert C.llama_decode(self.ctx, b) == 0
+
+    def _argmax(self, i: int) -> int:
+        return int(np.argmax(np.ctypeslib.as_array(C.llama_get_logits_ith(self.ctx, i), shape=(self.model.n_vocab,))))
+
+    def fill(self, prefixes: list[list[int]]) -> None:
+        self.next_pos, self.last = [], []
         for seq, prefix in enumerate(prefixes):
-            for at in range(0, len(prefix), params.n_batch):
-                piece = prefix[at:at + params.n_batch]
-                decode([(t, at + j, seq, at + j == len(prefix) - 1) for j, t in enumerate(piece)])
-        last = [int(np.argmax(np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, -1), shape=(model.n_vocab,))))] * n
+            for at in range(0, len(prefix), self.n_batch):
+                piece = prefix[at:at + self.n_batch]
+                self._decode([(t, at + j, seq, at + j == len(prefix) - 1) for j, t in enumerate(piece)])
+            self.next_pos.append(len(prefix))
+            self.last.append(self._argmax(-1))
+
+    def rate(self, steps: int) -> float:
+        """Tokens/s of ``steps`` greedy steps of every sequence, one llama_decode each."""
         start = time.perf_counter()
-        for step in range(tokens):
-            decode([(last[seq], len(prefixes[seq]) + step, seq, True) for seq in range(n)])
-            last = [int(np.argmax(np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, i), shape=(model.n_vocab,))))
-                    for i in range(n)]
-        return n * tokens / (time.perf_counter() - start)
-    finally:
-        C.llama_batch_free(batch)
-        C.llama_free(ctx)
+        for _ in range(steps):
+            self._decode([(self.last[seq], self.next_pos[seq], seq, True) for seq in range(self.n)])
+            self.next_pos = [p + 1 for p in self.next_pos]
+            self.last = [self._argmax(i) for i in range(self.n)]
+        return self.n * steps / (time.perf_counter() - start)
+
+    def __enter__(self) -> "_BareBindings":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        C.llama_batch_free(self.batch)
+        C.llama_free(self.ctx)
 
 
 def fairness(model, config, prompt_tokens: int, generators: int) -> dict:
@@ -290,6 +324,141 @@ def _p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
+SOAK_WORDS = ["apples", "rivers", "violins", "glaciers", "lanterns", "falcons", "copper", "tulips", "comets",
+              "pianos", "deserts", "harbors", "meadows", "volcanoes", "lighthouses", "orchids"]
+
+
+def soak(model, config, port, clients: int, slots: int, seconds: float, reply_tokens: int, seed: int = 7) -> dict:
+    """``clients`` named conversations on ``slots`` < clients slots for ``seconds``; a quarter of the requests
+    are abandoned by their client after two streamed pieces. Then every request must have been answered
+    exactly once (or refused with a status), each conversation's messages must be its client's history,
+    and its cells (llama.cpp's, read back after a restore) must hold exactly its own tokens."""
+    import random
+    import tempfile
+    progress(f"soak: {clients} clients on {slots} slots for {seconds:g} s, n_ctx {config.n_ctx}")
+    folder = tempfile.TemporaryDirectory(prefix="edgesink-soak-")
+    stop = start_server(model, config, slots, port, folder.name)
+    deadline = time.monotonic() + seconds
+    logs = [[] for _ in range(clients)]
+    histories = [[{"role": "system", "content": f"You talk only about {SOAK_WORDS[i]}."}] for i in range(clients)]
+    try:
+        _together(lambda i: _soak_client(port, i, histories[i], logs[i], deadline, reply_tokens,
+                                         random.Random(seed + i)), clients)
+    finally:
+        stop()
+    outcomes = [entry for log in logs for entry in log]
+    ids = [e["id"] for e in outcomes if e.get("id")]
+    report = {"clients": clients, "slots": slots, "seconds": seconds, "n_ctx": config.n_ctx,
+              "requests": len(outcomes), "answered": sum(e["outcome"] == "answered" for e in outcomes),
+              "abandoned_by_client": sum(e["outcome"] == "abandoned" for e in outcomes),
+              "refused": {str(k): v for k, v in sorted(collections.Counter(e["status"] for e in outcomes
+                                                                          if e["outcome"] == "refused").items())},
+              "lost": sum(e["outcome"] == "lost" for e in outcomes),
+              "answered_twice": len(ids) - len(set(ids)) + sum(e.get("done_events", 1) > 1 for e in outcomes)}
+    report.update(_check_soaked_conversations(model, config, folder.name, histories))
+    folder.cleanup()
+    return report
+
+
+def _soak_client(port, i, history, log, deadline, reply_tokens, rng) -> None:
+    """One client's turns until ``deadline``; its last turn is never abandoned, so the conversation ends
+    holding exactly ``history``."""
+    turn = 0
+    while True:
+        last = time.monotonic() > deadline
+        turn += 1
+        history.append({"role": "user", "content": f"Tell me one more thing about {SOAK_WORDS[i]} (turn {turn})."})
+        abandon = not last and rng.random() < 0.25
+        entry = _soak_request(port, f"soak-{i}", history, reply_tokens, seed=rng.randrange(1 << 30), abandon=abandon)
+        log.append(entry)
+        if entry["outcome"] == "answered":
+            history.append({"role": "assistant", "content": entry["text"]})
+        else:
+            history.pop()  # not answered (or not waited for): the client asks something else next
+        if last and entry["outcome"] == "answered":
+            return
+        if last and len(log) > 1000:
+            raise RuntimeError(f"client {i} got no answer to its last turn: {entry}")
+
+
+def _soak_request(port, session, history, max_tokens, seed, abandon) -> dict:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    body = {"model": "bench", "messages": history, "max_tokens": max_tokens, "stream": True, "seed": seed,
+            "temperature": 0.8}
+    try:
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                           headers={"content-type": "application/json", "x-edgesink-session": session})
+        response = connection.getresponse()
+        if response.status != 200:
+            response.read()
+            return {"outcome": "refused", "status": response.status}
+        pieces, ids, done_events = [], set(), 0
+        for line in response:
+            if line.strip() == b"data: [DONE]":
+                done_events += 1
+                continue
+            if not line.startswith(b"data: "):
+                continue
+            event = json.loads(line[6:])
+            ids.add(event.get("id"))
+            for choice in event.get("choices", []):
+                pieces.append(choice["delta"].get("content") or "")
+            if abandon and len(pieces) >= 2:
+                connection.sock.close()  # the client goes away mid-reply
+                return {"outcome": "abandoned"}
+        if done_events != 1 or len(ids) != 1:
+            return {"outcome": "lost", "done_events": done_events, "ids": len(ids)}
+        return {"outcome": "answered", "id": ids.pop(), "text": "".join(pieces), "done_events": done_events}
+    except (OSError, http.client.HTTPException) as error:
+        return {"outcome": "lost", "error": repr(error)}
+    finally:
+        connection.close()
+
+
+def _check_soaked_conversations(model, config, folder, histories) -> dict:
+    """Each saved conversation, restored: its messages are its client's history, and each of its cells
+    holds the token its bookkeeping names (by the first layer's V row, which only the token decides)."""
+    problems, cells, tokens_by_conversation = [], 0, []
+    for i, history in enumerate(histories):
+        with Session.restore(f"{folder}/soak-{i}.session", model, n_threads=config.n_threads) as session:
+            held = [(m["role"], m["content"].strip()) for m in session.messages]
+            if held != [(m["role"], m["content"].strip()) for m in history]:
+                problems.append(f"conversation {i}: its messages are not its client's history")
+            text = model.detokenize(session.cached_tokens())
+            foreign = [w for j, w in enumerate(SOAK_WORDS[:len(histories)]) if j != i and w in text]
+            if foreign:
+                problems.append(f"conversation {i} holds words of others: {foreign}")
+            positions, values = seqstate.first_layer_values(session.cache.slot.state_get())
+            tokens_by_conversation.append((session.cached_tokens(), positions, values))
+    reference = _first_layer_rows(model, sorted({t for tokens, _, _ in tokens_by_conversation for t in tokens}))
+    worst = 0.0
+    for i, (tokens, positions, values) in enumerate(tokens_by_conversation):
+        order = np.argsort(positions)
+        if len(tokens) != len(positions) or np.any(np.diff(positions[order]) != 1):
+            problems.append(f"conversation {i}: {len(positions)} cells for {len(tokens)} tokens, or positions not consecutive")
+            continue
+        for token, row in zip(tokens, values[order]):
+            worst = max(worst, float(np.abs(reference[token] - row).max()))
+        cells += len(tokens)
+    rows = np.stack(list(reference.values()))
+    nearest = min(float(np.abs(rows[a] - rows[b]).max()) for a in range(len(rows)) for b in range(a + 1, len(rows)))
+    if worst > nearest / 10:
+        problems.append(f"a cell's V row differs from its token's by {worst:.3g} (two tokens differ by {nearest:.3g})")
+    return {"cells_checked": cells, "distinct_tokens": len(reference),
+            "largest_cell_difference_from_its_token": worst, "smallest_difference_between_two_tokens": nearest,
+            "problems": problems}
+
+
+def _first_layer_rows(model, tokens: list[int]) -> dict[int, np.ndarray]:
+    """Each token's first-layer V row, from a lone session fed them all."""
+    config = SessionConfig.of(n_ctx=max(256, len(tokens) + 1), policy="dense")
+    with Session(model, config) as session:
+        session.feed_tokens(tokens)
+        positions, values = seqstate.first_layer_values(session.cache.slot.state_get())
+        cached = session.cached_tokens()
+    return {token: row for token, row in zip(cached, values[np.argsort(positions)])}
+
+
 def long_chat(model, config, port, sessions_dir, turns: int, reply_tokens: int) -> dict:
     stop = start_server(model, config, 2, port, sessions_dir)
     history = [{"role": "system", "content": "You are a friendly assistant who answers briefly."}]
@@ -336,8 +505,13 @@ def main() -> None:
     parser.add_argument("--parts", default="api,engine,throughput,chat,fairness",
                         help="Which parts to run: api (streaming over the API), engine (side by side), throughput "
                              "(against the bare bindings, at --throughput-n-ctx), chat (long chat), "
-                             "fairness (a long prompt beside generating sessions).")
+                             "fairness (a long prompt beside generating sessions), soak (clients that come and go, "
+                             "more than the slots; not run unless named).")
     parser.add_argument("--throughput-n-ctx", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--soak-seconds", type=float, default=120.0)
+    parser.add_argument("--soak-clients", type=int, default=16)
+    parser.add_argument("--soak-slots", type=int, default=4)
+    parser.add_argument("--soak-n-ctx", type=int, default=512)
     parser.add_argument("--prompt-tokens", type=int, default=4000, help="fairness: the long prompt's length")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -362,6 +536,9 @@ def main() -> None:
         report["long_chat"] = long_chat(model, config, args.port + 1, args.sessions_dir, args.turns, 32)
     if "fairness" in parts:
         report["fairness"] = fairness(model, config, args.prompt_tokens, 4)
+    if "soak" in parts:
+        report["soak"] = soak(model, dataclasses.replace(config, n_ctx=args.soak_n_ctx), args.port,
+                              args.soak_clients, args.soak_slots, args.soak_seconds, args.reply_tokens // 3)
     publish(report, args.json)
 
 

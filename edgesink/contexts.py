@@ -7,10 +7,11 @@ tokens of its sequence, move or remove its cells, save or restore its cells. Two
   with a scratch sequence 1 to re-encode the kept tokens alone.
 * :class:`SharedContext` hands out :class:`SharedSlot` objects: many streams, one context, one
   sequence each (llama.cpp's ``n_seq_max``, ``kv_unified=false``: every sequence has its own cells
-  and attends only to them). Streams that decode at the same moment are decoded together, in one
-  ``llama_decode``, so the weights are read once for all of them. There is no scratch sequence
-  (llama.cpp copies cells between sequences only whole-stream): a shared stream re-encodes its kept
-  tokens in place, in front of its window, which the patched libllama allows (patch 0007).
+  and attends only to them). One driver thread decodes the streams' requests in rounds, those of
+  one length in one ``llama_decode``, so the weights are read once for all of them. There is no
+  scratch sequence (llama.cpp copies cells between sequences only whole-stream): a shared stream
+  re-encodes its kept tokens in place, in front of its window, which the patched libllama allows
+  (patch 0007).
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ class OwnContext:
             self.ctx = None
 
 
-@dataclass(eq=False)  # compared by identity: the leader takes requests out of the pending list
+@dataclass(eq=False)  # compared by identity: the driver takes requests out of the pending list
 class _Request:
     seq: int
     tokens: list
@@ -229,7 +230,8 @@ class SharedContext:
     Before a round the driver waits for the streams inside a run (:meth:`SharedSlot.running`:
     a Session's feed or generation) that are not asking yet: they are sampling their next token
     and would otherwise miss the round and wait a whole chunk. Streams join and leave between
-    rounds. The driver starts with the first request and ends when no stream is running.
+    rounds. The driver starts with the first request and ends when no stream has run for two
+    seconds, or at :meth:`close`.
     llama.cpp batches consecutive sequence ids together, so slots are handed out lowest first.
     """
 
@@ -255,6 +257,7 @@ class SharedContext:
         self._batch = _Batch(self.max_decode)
         self.chunk = config.batch_size  # the tokens of longer requests a round takes: a prompt's chunk
         self.late_s = late_s
+        self.linger_s = 2.0  # how long the driver outlives the last running stream, waiting for a request
         self.lock = threading.RLock()  # every llama.cpp call on the context
         self._cond = threading.Condition()  # guards the queue below, the slots and the driver's life
         self._pending: list[_Request] = []
@@ -264,6 +267,7 @@ class SharedContext:
         self._free = list(range(slots))
         self.decodes = 0  # llama_decode calls, and the sequences they carried: batching at work
         self.decoded_requests = 0
+        self.late_streams = 0  # times a round went without a running stream that was too slow to ask
         model.attach(self, self.lock)  # closing the model frees this context first
 
     def check_config(self, config) -> None:
@@ -330,8 +334,7 @@ class SharedContext:
             self._pending.append(request)
             self._late.discard(seq)
             if self._driver is None:
-                self._driver = threading.Thread(target=self._drive, name="edgesink-driver", daemon=True)
-                self._driver.start()
+                self._start_driver()
             self._cond.notify_all()
         request.done.wait()
         if request.error is not None:
@@ -340,10 +343,24 @@ class SharedContext:
 
     def _drive(self) -> None:
         """The driver thread: rounds until nothing is queued and no stream is running."""
+        try:
+            self._rounds()
+        finally:  # ended by an error: another driver takes over what is queued
+            with self._cond:
+                if self._driver is threading.current_thread():
+                    self._driver = None
+                    if self._pending:
+                        self._start_driver()
+
+    def _start_driver(self) -> None:
+        self._driver = threading.Thread(target=self._drive, name="edgesink-driver", daemon=True)
+        self._driver.start()
+
+    def _rounds(self) -> None:
         while True:
             with self._cond:
                 taken = self._next_round()
-                if not taken:
+                if not taken:  # decided under the lock, so a request queued after it starts a new driver
                     self._driver = None
                     return
             # One llama_decode per length, shortest first: llama.cpp splits a batch of several streams into
@@ -355,15 +372,21 @@ class SharedContext:
 
     def _next_round(self) -> list[_Request]:
         """The requests of the next round (``_cond`` held); none when the driver should end."""
+        idle_until = time.monotonic() + self.linger_s
         while not self._pending:
-            if not self._running or not self.ctx:
+            if self._running:
+                idle_until = time.monotonic() + self.linger_s
+            if not self.ctx or time.monotonic() >= idle_until:
                 return []
-            self._cond.wait()
+            # Lingering, not ending at once: llama.cpp's CPU threads (OpenMP) belong to the thread that
+            # calls llama_decode, and a new caller pays for a new team, several milliseconds.
+            self._cond.wait(None if self._running else max(0.0, idle_until - time.monotonic()))
         # Running streams not asking yet are sampling their next token: wait for them, not for ever.
         deadline = time.monotonic() + self.late_s
         while missing := set(self._running) - {r.seq for r in self._pending} - self._late:
             if time.monotonic() >= deadline:
                 self._late |= missing
+                self.late_streams += len(missing)
                 break
             self._cond.wait(max(0.0, deadline - time.monotonic()))
         steps = [r for r in self._pending if len(r.tokens) == 1]

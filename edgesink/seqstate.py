@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
+
 from ._native import C
 from .errors import SessionFileError
 
@@ -94,6 +96,45 @@ def _section_end(buf, at: int) -> int:
                 _, row = struct.unpack_from("<iQ", buf, at)
                 at += 12 + row * n_cells
     return at
+
+
+def first_layer_values(payload) -> tuple[np.ndarray, np.ndarray]:
+    """The cells of a one-stream ``payload`` (f16 or f32 V cache): their positions, shape (n_cells,),
+    and their first layer's V rows, shape (n_cells, n_embd_v), as float32.
+
+    A first layer's V row depends only on its cell's token (no position, no other token), so it
+    names the token a cell holds: a check of llama.cpp's cells, not of edgesink's bookkeeping.
+    """
+    view = memoryview(payload)
+    at = _HEAD.size
+    n_stream, n_cells = struct.unpack_from("<II", view, at)
+    if n_stream != 1:
+        raise ValueError(f"not a one-stream state ({n_stream} streams)")
+    at += 2 * _COUNT.size
+    positions = np.empty(n_cells, dtype=np.int64)
+    for i in range(n_cells):
+        positions[i], n_seq_id = struct.unpack_from("<iI", view, at)
+        at += 8 + 4 * n_seq_id
+    if n_cells == 0:
+        return positions, np.empty((0, 0), dtype=np.float32)
+    v_trans, n_layer = struct.unpack_from("<II", view, at)
+    at += 8
+    for _ in range(n_layer):  # every layer's K rows first
+        _, row = struct.unpack_from("<iQ", view, at)
+        at += 12 + row * n_cells
+    if v_trans:  # type, bytes per value, values per cell; then value j of every cell, for each j
+        v_type, value, n_embd = struct.unpack_from("<iII", view, at)
+        at += 12
+    else:  # type, bytes per row; then each cell's row
+        v_type, row = struct.unpack_from("<iQ", view, at)
+        at += 12
+        value = {0: 4, 1: 2}.get(v_type, 1)
+        n_embd = row // value
+    dtype = {0: np.float32, 1: np.float16}.get(v_type)
+    if dtype is None or np.dtype(dtype).itemsize != value:
+        raise ValueError(f"V cache type {v_type} is not f16 or f32")
+    values = np.frombuffer(view[at:at + value * n_embd * n_cells], dtype=dtype).astype(np.float32)
+    return positions, values.reshape(n_embd, n_cells).T if v_trans else values.reshape(n_cells, n_embd)
 
 
 def check_cell_list(payload, positions: set[int], where: str) -> None:

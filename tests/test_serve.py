@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import openai
 import pytest
 
-from serve_process import ServeProcess
+from serve_process import ServeProcess, free_port
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = ["--n-ctx", "256", "--threads", "1"]
 SYSTEM = "You are a terse assistant."
 
@@ -320,3 +324,22 @@ def test_gemma_is_served_past_its_sliding_window_and_past_n_ctx(gemma, prose, tm
         assert chat.choices[0].message.content.strip()
     finally:
         assert process.stop() == 0, process.log()
+
+
+@pytest.mark.slow(seconds=90)
+def test_clients_that_come_and_go_on_fewer_slots_lose_nothing_and_mix_nothing(tmp_path):
+    """benchmarks/serve.py's soak, short: 6 clients on 2 slots (conversations saved and restored all
+    the time), a quarter of the requests abandoned mid-reply. Every request is answered once or
+    refused; each conversation's messages are its client's history; its cells in llama.cpp (read
+    back from its saved file) hold exactly the tokens its bookkeeping names, none of another's."""
+    out = tmp_path / "soak.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve.py"), "--parts", "soak",
+                             "--threads", "1", "--soak-seconds", "20", "--soak-clients", "6", "--soak-slots", "2",
+                             "--soak-n-ctx", "256", "--port", str(free_port()), "--json", str(out)],
+                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-5000:]
+    soak = json.loads(out.read_text())["soak"]
+    assert soak["problems"] == [], soak["problems"]
+    assert soak["lost"] == 0 and soak["answered_twice"] == 0, soak
+    assert soak["answered"] >= 6 and soak["abandoned_by_client"] >= 1, soak
+    assert soak["cells_checked"] > 6 * 100, soak  # every conversation, past its window at n_ctx 256
