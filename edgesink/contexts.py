@@ -342,7 +342,7 @@ class SharedContext:
         return request.rows
 
     def _drive(self) -> None:
-        """The driver thread: rounds until nothing is queued and no stream is running."""
+        """The driver thread: rounds until nothing was queued and no stream ran for ``linger_s``."""
         try:
             self._rounds()
         finally:  # ended by an error: another driver takes over what is queued
@@ -371,7 +371,8 @@ class SharedContext:
                 self._decode_together(sorted((r for r in taken if len(r.tokens) == length), key=lambda r: r.seq))
 
     def _next_round(self) -> list[_Request]:
-        """The requests of the next round (``_cond`` held); none when the driver should end."""
+        """The requests of the next round (``_cond`` held): every step and one chunk of longer requests,
+        once the running streams have asked or were given up on; none when the driver should end."""
         idle_until = time.monotonic() + self.linger_s
         while not self._pending:
             if self._running:
