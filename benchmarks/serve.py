@@ -31,8 +31,10 @@ import collections
 import dataclasses
 import http.client
 import json
+import random
 import statistics
 import sys
+import tempfile
 import threading
 import time
 
@@ -339,8 +341,6 @@ def soak(model, config, port, clients: int, slots: int, seconds: float, reply_to
     are abandoned by their client after two streamed pieces. Then every request must have been answered
     exactly once (or refused with a status), each conversation's messages must be its client's history,
     and its cells (llama.cpp's, read back after a restore) must hold exactly its own tokens."""
-    import random
-    import tempfile
     progress(f"soak: {clients} clients on {slots} slots for {seconds:g} s, n_ctx {config.n_ctx}")
     folder = tempfile.TemporaryDirectory(prefix="edgesink-soak-")
     stop = start_server(model, config, slots, port, folder.name)

@@ -80,22 +80,43 @@ def _section_end(buf, at: int) -> int:
         at += _COUNT.size
         if n_cells == 0:
             continue
-        for _ in range(n_cells):
-            _, n_seq_id = struct.unpack_from("<iI", buf, at)
-            at += 8 + 4 * n_seq_id
+        _, at = _cells(buf, at, n_cells)
         v_trans, n_layer = struct.unpack_from("<II", buf, at)
-        at += 8
-        for _ in range(n_layer):  # K: type, bytes per row, the rows
-            _, row = struct.unpack_from("<iQ", buf, at)
-            at += 12 + row * n_cells
-        for _ in range(n_layer):  # V: the same, or transposed: type, bytes per value, values per cell
-            if v_trans:
-                _, value, n_embd = struct.unpack_from("<iII", buf, at)
-                at += 12 + value * n_embd * n_cells
-            else:
-                _, row = struct.unpack_from("<iQ", buf, at)
-                at += 12 + row * n_cells
+        at = _skip_k_rows(buf, at + 8, n_layer, n_cells)
+        for _ in range(n_layer):
+            _, _, at = _v_block(buf, at, v_trans, n_cells)
     return at
+
+
+def _cells(buf, at: int, n_cells: int) -> tuple[list[int], int]:
+    """A stream's cell list at ``at``: the cells' positions, and where the list ends."""
+    positions = []
+    for _ in range(n_cells):
+        pos, n_seq_id = struct.unpack_from("<iI", buf, at)
+        positions.append(pos)
+        at += 8 + 4 * n_seq_id
+    return positions, at
+
+
+def _skip_k_rows(buf, at: int, n_layer: int, n_cells: int) -> int:
+    """Past every layer's K block (type, bytes per row, the rows)."""
+    for _ in range(n_layer):
+        _, row = struct.unpack_from("<iQ", buf, at)
+        at += 12 + row * n_cells
+    return at
+
+
+def _v_block(buf, at: int, v_trans: int, n_cells: int) -> tuple[int, int, int]:
+    """One layer's V block at ``at``: its ggml type, where its values start and where it ends. Transposed:
+    type, bytes per value, values per cell, then value j of every cell for each j; else type, bytes
+    per row, then each cell's row."""
+    if v_trans:
+        v_type, value, n_embd = struct.unpack_from("<iII", buf, at)
+        size = value * n_embd * n_cells
+    else:
+        v_type, row = struct.unpack_from("<iQ", buf, at)
+        size = row * n_cells
+    return v_type, at + 12, at + 12 + size
 
 
 def first_layer_values(payload) -> tuple[np.ndarray, np.ndarray]:
@@ -106,35 +127,20 @@ def first_layer_values(payload) -> tuple[np.ndarray, np.ndarray]:
     names the token a cell holds: a check of llama.cpp's cells, not of edgesink's bookkeeping.
     """
     view = memoryview(payload)
-    at = _HEAD.size
-    n_stream, n_cells = struct.unpack_from("<II", view, at)
+    n_stream, n_cells = struct.unpack_from("<II", view, _HEAD.size)
     if n_stream != 1:
         raise ValueError(f"not a one-stream state ({n_stream} streams)")
-    at += 2 * _COUNT.size
-    positions = np.empty(n_cells, dtype=np.int64)
-    for i in range(n_cells):
-        positions[i], n_seq_id = struct.unpack_from("<iI", view, at)
-        at += 8 + 4 * n_seq_id
+    positions, at = _cells(view, _HEAD.size + 2 * _COUNT.size, n_cells)
     if n_cells == 0:
-        return positions, np.empty((0, 0), dtype=np.float32)
+        return np.array(positions, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
     v_trans, n_layer = struct.unpack_from("<II", view, at)
-    at += 8
-    for _ in range(n_layer):  # every layer's K rows first
-        _, row = struct.unpack_from("<iQ", view, at)
-        at += 12 + row * n_cells
-    if v_trans:  # type, bytes per value, values per cell; then value j of every cell, for each j
-        v_type, value, n_embd = struct.unpack_from("<iII", view, at)
-        at += 12
-    else:  # type, bytes per row; then each cell's row
-        v_type, row = struct.unpack_from("<iQ", view, at)
-        at += 12
-        value = {0: 4, 1: 2}.get(v_type, 1)
-        n_embd = row // value
+    v_type, start, end = _v_block(view, _skip_k_rows(view, at + 8, n_layer, n_cells), v_trans, n_cells)
     dtype = {0: np.float32, 1: np.float16}.get(v_type)
-    if dtype is None or np.dtype(dtype).itemsize != value:
+    if dtype is None:
         raise ValueError(f"V cache type {v_type} is not f16 or f32")
-    values = np.frombuffer(view[at:at + value * n_embd * n_cells], dtype=dtype).astype(np.float32)
-    return positions, values.reshape(n_embd, n_cells).T if v_trans else values.reshape(n_cells, n_embd)
+    values = np.frombuffer(view[start:end], dtype=dtype).astype(np.float32)
+    return (np.array(positions, dtype=np.int64),
+            values.reshape(-1, n_cells).T if v_trans else values.reshape(n_cells, -1))
 
 
 def check_cell_list(payload, positions: set[int], where: str) -> None:
