@@ -22,6 +22,10 @@ def results_json(header: dict, summary: dict) -> dict:
 
 def write_all(out: Path, header: dict, summary: dict, json_path: str | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
+    # Rounded once, here: the CSV, details.json and the report then hold the same figures, so a report
+    # re-rendered from the CSV prints what the first did (rounding twice moved a last digit).
+    summary = {**summary, "rows": [_rounded(r) for r in summary["rows"]],
+               "segments": [_rounded(s) for s in summary["segments"]]}
     written = []
     data = results_json(header, summary)
     for path in [out / "results.json"] + ([Path(json_path)] if json_path else []):
@@ -44,8 +48,13 @@ def _write_csv(path: Path, rows: list[dict], keys) -> Path:
         writer = csv.DictWriter(f, fieldnames=list(keys), extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+            writer.writerow(row)
     return path
+
+
+def _rounded(row: dict) -> dict:
+    """``row`` with its floats to 4 decimals, the precision results.csv keeps."""
+    return {k: (round(float(v), 4) if isinstance(v, float) else v) for k, v in row.items()}
 
 
 def _fmt(x, digits=2, suffix="") -> str:
