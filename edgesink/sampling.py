@@ -108,6 +108,10 @@ class Sampler:
             raise ValueError("a Sampler with a grammar or a repeat penalty needs the model (for its vocabulary)")
         grammar = None if params.grammar is None else _grammar_sampler(params.grammar, model)
         self._constrained = grammar is not None
+        # Greedy alone is an argmax (the first largest logit, as llama.cpp's greedy sampler picks), taken
+        # without copying the vocabulary into llama.cpp's token array: a served step's largest cost in Python.
+        self._argmax_only = params.temperature == 0 and not penalized and grammar is None
+        self._data: np.ndarray | None = None  # llama.cpp's token array, made on first use and reused
         self._chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         add = lambda s: C.llama_sampler_chain_add(self._chain, s)  # noqa: E731  (the chain then owns s)
         if grammar is not None:
@@ -139,8 +143,14 @@ class Sampler:
     def sample_logits(self, logits: np.ndarray) -> int:
         """Draw a token from one row of logits (and accept it), as :meth:`sample` does from a context."""
         n = len(logits)
-        data = np.empty(n, dtype=_TOKEN_DATA)
-        data["id"] = np.arange(n, dtype=np.int32)
+        if self._argmax_only:
+            token = int(np.argmax(logits))
+            C.llama_sampler_accept(self._chain, token)
+            return token
+        if self._data is None or len(self._data) != n:
+            self._data = np.empty(n, dtype=_TOKEN_DATA)
+        data = self._data
+        data["id"] = np.arange(n, dtype=np.int32)  # every time: the samplers may have reordered the array
         data["logit"] = logits
         data["p"] = 0.0
         array = C.llama_token_data_array(data=data.ctypes.data_as(C.llama_token_data_p), size=n,

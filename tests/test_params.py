@@ -173,6 +173,23 @@ def test_temperature_zero_is_greedy(fed_session):
     assert continuation(temperature=0.0, top_k=0, top_p=0.5, min_p=0.2) == greedy  # filters cannot change it
 
 
+def test_greedy_takes_the_first_largest_logit_as_llama_cpps_greedy_sampler_does(model):
+    """temperature=0 alone skips llama.cpp's token array (an argmax); it must pick what the sampler picks."""
+    from edgesink.sampling import Sampler, SamplingParams
+
+    rng = np.random.default_rng(3)
+    rows = [rng.normal(size=model.n_vocab).astype(np.float32) for _ in range(20)]
+    tied = np.zeros(model.n_vocab, dtype=np.float32)
+    tied[[7, 900, 40000]] = 5.0  # a tie: the first of them
+    for logits in rows + [tied]:
+        with Sampler(SamplingParams.of(temperature=0), model) as fast, \
+                Sampler(SamplingParams.of(temperature=0), model) as chain:
+            chain._argmax_only = False  # through llama.cpp's greedy sampler
+            assert fast.sample_logits(logits) == chain.sample_logits(logits) == int(np.argmax(logits))
+    with Sampler(SamplingParams.of(temperature=0), model) as fast:
+        assert fast.sample_logits(tied) == 7
+
+
 def test_the_session_is_fine_after_all_that(fed_session):
     fed_session.reset()
     fed_session.feed("Once upon a time")
