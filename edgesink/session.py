@@ -2,7 +2,9 @@
 
 ``feed`` pushes text in, ``generate`` draws text out, ``score`` measures how well the model
 predicts text, and all three go through the same context policy, so what ``score`` reports is
-exactly what ``feed`` computes.
+exactly what ``feed`` computes. This module holds that stream: feeding, generation and stats.
+The conversation methods come from :mod:`edgesink.session_chat`, saving and restoring from
+:mod:`edgesink.session_state`.
 """
 
 from __future__ import annotations
@@ -13,34 +15,22 @@ import threading
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from functools import wraps
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from ._native import C
 from .contexts import OwnContext, SharedContext, context_params
-from .chat import Chat, saved_chat_problem
-from .errors import Cancelled, ClosedError, SessionFileError, SettingsError, UnsupportedModelError
+from .errors import Cancelled, ClosedError, SettingsError, UnsupportedModelError
 from .kvcache import StreamCache, deferred_interrupt
-from .layout import is_json_int, state_problem, turn_cut
 from .config import SessionConfig
 from .options import check_n_ctx, kept_forward_mode, not_int, stop_strings
-from .persistence import load_session, save_session, saved_settings
-from .policies import ContextPolicy
 from .sampling import Sampler, SamplingParams
 from .scoring import position_mask, token_nll
+from .session_chat import ChatMethods
+from .session_lock import exclusive
+from .session_state import SnapshotMethods
 from .textstream import GenerationChunk, StopMatcher, Utf8Stream, text_pieces
-
-
-
-def _exclusive(method):
-    """Run ``method`` holding the session's lock: one thread at a time works on its llama.cpp context."""
-    @wraps(method)
-    def locked(self, *args, **kwargs):
-        with self._lock:
-            return method(self, *args, **kwargs)
-    return locked
 
 
 @dataclass
@@ -84,7 +74,7 @@ class SessionStats:
         return {"evictions": self.evictions, "shifts": self.shifts, "rebases": self.rebases, "refreshes": self.refreshes}
 
 
-class Session:
+class Session(ChatMethods, SnapshotMethods):
     """A stream of tokens through a bounded cache with a context policy.
 
     Args:
@@ -199,7 +189,7 @@ class Session:
     def __del__(self):
         self.close()
 
-    @_exclusive
+    @exclusive
     def reset(self) -> None:
         """Forget the whole stream, its counters and rates; settings stay (and a chat's system prompt)."""
         self.cache.clear()
@@ -214,84 +204,7 @@ class Session:
             self._chat = None
             self.start_chat(chat.system, keep_system=chat.keep_system, template=chat.template_source)
 
-    # -- chat ----------------------------------------------------------------------------------
-
-    @_exclusive
-    def start_chat(self, system: str | None = None, *, keep_system: bool = True, template: str | None = None,
-                   continue_stream: bool = False) -> None:
-        """Begin a conversation.
-
-        By default the stream is reset first; with ``keep_system`` the whole system prompt is then
-        kept in the cache for ever, like the sinks. ``continue_stream=True`` keeps what the stream
-        holds (a document fed or loaded) and starts the conversation after it; a system prompt is
-        then fed once and leaves the cache like any message. ``template``: a Jinja chat template
-        to use instead of the model's own.
-
-        Raises :class:`SystemPromptTooLongError` when the system prompt takes more than half the
-        cache (all of it for ``dense``); nothing is changed then.
-        """
-        self._check_open()
-        continuing = continue_stream and self.cache.n_cached > 0
-        chat = Chat(self, system=system, keep_system=keep_system, template=template)
-        chat.check_system_fits(continuing)  # before the old conversation is touched
-        if self.cache.n_cached and not continuing:
-            self._chat = None
-            self.reset()
-        self._chat = chat
-        chat.begin(pin=keep_system and not continuing)
-
-    def chat(self, message: str, role: str = "user", **generation) -> Iterator[str]:
-        """Send a message and stream the reply (text pieces).
-
-        Outside a conversation, one starts after whatever the stream holds (see
-        :meth:`start_chat` with ``continue_stream``). Generation settings as
-        :meth:`stream_generate`; ``max_tokens`` defaults to 512.
-        """
-        self._check_open()
-        if self._chat is None:
-            self.start_chat(continue_stream=True)
-        generation.setdefault("max_tokens", 512)
-        return self._chat.send(message, role=role, **generation)
-
-    def stream_chat(self, message: str, role: str = "user", **generation) -> Iterator[GenerationChunk]:
-        """As :meth:`chat`, but the message is fed at once and the reply comes as
-        :class:`GenerationChunk` objects (with its finish reason)."""
-        self._check_open()
-        if self._chat is None:
-            self.start_chat(continue_stream=True)
-        generation.setdefault("max_tokens", 512)
-        return self._chat.stream_reply(message, role=role, **generation)
-
-    def add_message(self, message: str, role: str = "user") -> None:
-        """Feed a message into the conversation with no reply (replaying a history; ``role`` may be
-        ``assistant``). Outside a conversation, one starts after whatever the stream holds."""
-        self._check_open()
-        if self._chat is None:
-            self.start_chat(continue_stream=True)
-        self._chat.add(message, role=role)
-
-    @property
-    def conversation(self) -> Chat | None:
-        """The conversation (:class:`edgesink.chat.Chat`: messages, template, what it fed), or None
-        outside chat. For reading: :meth:`chat` and :meth:`start_chat` change it."""
-        return self._chat
-
-    @property
-    def in_chat(self) -> bool:
-        """Whether the stream is a conversation (:meth:`start_chat`, :meth:`chat`, or a loaded chat)."""
-        return self._chat is not None
-
-    @property
-    def system_prompt(self) -> str | None:
-        """The conversation's system prompt (None outside chat or without one)."""
-        return self._chat.system if self._chat else None
-
-    @property
-    def messages(self) -> list[dict]:
-        """The conversation so far (empty outside chat)."""
-        return [dict(m) for m in self._chat.messages] if self._chat else []
-
-    @_exclusive
+    @exclusive
     def pin_prefix(self, n_tokens: int) -> None:
         """Keep the first ``n_tokens`` of the stream for ever, like sinks (at least the policy's sinks).
 
@@ -312,14 +225,6 @@ class Session:
         """Tokens that entered the stream so far, fed or generated (also in :attr:`stats`)."""
         return self._tokens_seen
 
-    def _aligned_eviction(self, n: int, needed: int) -> int:
-        """How many window tokens to evict: the policy's ``n``, or where the conversation says a
-        message begins (:func:`~edgesink.layout.turn_cut`); at least ``needed``, which makes room."""
-        if not n or self._chat is None:
-            return n
-        return turn_cut(n, needed, self._chat.message_starts, window_start=self._tokens_seen - self.cache.n_window,
-                        n_window=self.cache.n_window)
-
     def first_removable(self) -> int:
         """The oldest stream index :meth:`drop_newest` may cut back to.
 
@@ -330,7 +235,7 @@ class Session:
             return 0
         return self._tokens_seen - self.cache.n_window
 
-    @_exclusive
+    @exclusive
     def drop_newest(self, n: int) -> None:
         """Take the ``n`` newest tokens out of the stream (a chat template rewrote them).
 
@@ -363,7 +268,7 @@ class Session:
             raise Cancelled("feeding was cancelled (the caller's stop check fired); "
                             f"the stream holds the {self._tokens_seen} tokens fed before it")
 
-    @_exclusive
+    @exclusive
     def feed(self, text: "str | bytes") -> int:
         """Push text into the stream; returns the number of tokens consumed.
 
@@ -377,7 +282,7 @@ class Session:
                 n += self.feed_tokens(self.model.tokenize(piece))
         return n
 
-    @_exclusive
+    @exclusive
     def feed_tokens(self, tokens: Iterable[int]) -> int:
         """Push token ids into the stream; returns how many (with a BOS the model wants at the start)."""
         self._check_open()
@@ -389,7 +294,7 @@ class Session:
         self._feed_rate.add(len(tokens), start)
         return len(tokens)
 
-    @_exclusive
+    @exclusive
     def score(self, text: str) -> np.ndarray:
         """Per-token negative log-likelihood (natural log) of ``text``, fed exactly as :meth:`feed` would.
 
@@ -402,7 +307,7 @@ class Session:
             tokens += self.model.tokenize(piece)
         return self.score_tokens(tokens)
 
-    @_exclusive
+    @exclusive
     def score_tokens(self, tokens: Iterable[int], positions: Iterable[int] | None = None) -> np.ndarray:
         """NLL of each token as it is fed; only at ``positions`` (indices) if given, NaN elsewhere.
 
@@ -558,7 +463,7 @@ class Session:
                 yield GenerationChunk(text, token)
         yield GenerationChunk(stops.push(utf8.flush())[0] + stops.flush(), None, "length")
 
-    @_exclusive
+    @exclusive
     def _generate_one(self, sampler: Sampler) -> tuple[int, bytes | None]:
         """Sample a token and feed it: (token, its bytes), or (token, None) for an end-of-generation token."""
         start = time.perf_counter()
@@ -580,106 +485,10 @@ class Session:
         """The whole generated text at once."""
         return "".join(self.generate(max_tokens, stop=stop, **sampling))
 
-    # -- persistence ----------------------------------------------------------------------------
-
-    @_exclusive
-    def save(self, path: "str | os.PathLike") -> None:
-        """Save the session (cache, bookkeeping, conversation) to ``path`` atomically."""
-        save_session(self, path)
-
-    @_exclusive
-    def load(self, path: "str | os.PathLike") -> None:
-        """Replace this session's stream with one saved by :meth:`save` (same model and settings).
-
-        Raises :class:`edgesink.SessionFileError` naming the cause; the session is then
-        unchanged and usable.
-        """
-        load_session(self, path)
-
-    @classmethod
-    def restore(cls, path: "str | os.PathLike", model, **options) -> "Session":
-        """A new session continuing the stream saved at ``path``, with the settings it was saved with.
-
-        ``options`` override the saved ones that a session may change (``batch_size``,
-        ``refresh_every``, ``rebase_every``, ``shift_mode``) and add others (``n_threads``); with
-        the saved settings and as many threads, the new session continues exactly as the saved
-        one did: bitwise the same logits.
-        """
-        # The saved policy's own settings (sinks, evict_chunk); a conflicting option is refused by load().
-        settings = {**saved_settings(path), **options}
-        session = cls(model, **settings)
-        try:
-            session.load(path)
-        except BaseException:
-            session.close()
-            raise
-        return session
-
-    @_exclusive
-    def snapshot(self) -> dict:
-        """The session's bookkeeping as plain JSON-able data: the cache layout, the stream's
-        counters and the conversation. With llama.cpp's sequence state it is all a save needs."""
-        chat = self._chat
-        return {
-            **self.cache.state(),
-            "tokens_seen": self._tokens_seen, "n_keep_target": self._n_keep_target,
-            "pending_utf8": self._utf8_in.pending.hex(),
-            "chat": None if chat is None else chat.saved_state(),
-        }
-
-    def check_snapshot(self, state: dict) -> None:
-        """Raise SessionFileError unless ``state`` is a snapshot :meth:`apply` can take for this session."""
-        try:
-            problem = (state_problem(state, n_ctx=self.n_ctx, n_vocab=self.model.n_vocab)
-                       or self._stream_problem(state) or saved_chat_problem(state["chat"], state["tokens_seen"]))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            problem = "a field is missing or of the wrong type"
-        if problem:
-            raise SessionFileError(f"the session file's bookkeeping is inconsistent ({problem}); refusing it")
-
-    def _stream_problem(self, state: dict) -> str | None:
-        """What is wrong with the session's own fields of a snapshot (the cache's are checked apart), or None."""
-        seen = state["tokens_seen"]
-        if not (is_json_int(state["n_keep_target"]) and 0 <= state["n_keep_target"] < self.n_ctx):
-            return "n_keep_target"
-        if not (is_json_int(seen) and seen >= len(state["kept"]) + len(state["window"])):
-            return "tokens_seen"
-        if not isinstance(state["pending_utf8"], str) or len(bytes.fromhex(state["pending_utf8"])) > 3:
-            return "pending_utf8"
-        # Files of older versions kept these two here; the conversation keeps them now.
-        starts = state.get("message_starts", [])
-        if not (isinstance(starts, list) and all(is_json_int(i) and 0 <= i <= seen for i in starts)
-                and starts == sorted(starts)):
-            return "message_starts"
-        if not isinstance(state.get("last_end_token_text", ""), str):
-            return "last_end_token_text"
-        return None
-
-    @_exclusive
-    def apply(self, state: dict) -> None:
-        """Take over the bookkeeping of a :meth:`snapshot` (checked by :meth:`check_snapshot`).
-
-        Only the bookkeeping: the cache's llama.cpp contents must be put in place with it (as
-        :meth:`load` does); the newest token's logits are computed again at the next step.
-        """
-        self.cache.set_state(state)
-        self._tokens_seen = state["tokens_seen"]
-        self._n_keep_target = state["n_keep_target"]
-        self._utf8_in = Utf8Stream(bytes.fromhex(state["pending_utf8"]))
-        self._last_logits = None
-        self._chat = None if state["chat"] is None else Chat.from_saved(self, state["chat"],
-                                                                        state.get("message_starts", []))
-
-    @_exclusive
-    def forget_logits(self) -> None:
-        """Drop the newest token's logits, as a restore does: the next step decodes that token again, alone."""
-        self.cache.has_logits = False
-        self._last_logits = None
-
     # -- introspection ---------------------------------------------------------------------------
 
     @property
-    @_exclusive
+    @exclusive
     def stats(self) -> SessionStats:
         cache = self.cache
         c = cache.counters
@@ -694,7 +503,7 @@ class Session:
                    "rebuilds": c.rebuilds},
         )
 
-    @_exclusive
+    @exclusive
     def next_logits(self) -> np.ndarray:
         """A copy of the logits predicting the next token (computing them if the cache lacks them)."""
         self._check_open()
@@ -703,7 +512,7 @@ class Session:
             raise ValueError("the stream is empty: feed something first")
         return logits.copy()
 
-    @_exclusive
+    @exclusive
     def cached_tokens(self) -> list[int]:
         """The tokens in the cache, in stream order (kept first, then the window)."""
         return self.cache.tokens()

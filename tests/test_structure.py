@@ -179,7 +179,7 @@ def test_no_import_cycles_between_modules():
 
 ENGINE = ("edgesink.model", "edgesink.session", "edgesink.kvcache", "edgesink.layout", "edgesink.policies",
           "edgesink.config", "edgesink.persistence", "edgesink.chat", "edgesink.contexts", "edgesink.sampling",
-          "edgesink.seqstate")
+          "edgesink.seqstate", "edgesink.session_chat", "edgesink.session_state", "edgesink.session_lock")
 ABOVE_THE_ENGINE = ("edgesink.fetch", "edgesink.loading", "edgesink.cli", "edgesink.bench", "edgesink.serve")
 
 
