@@ -22,8 +22,9 @@ def results_json(header: dict, summary: dict) -> dict:
 
 def write_all(out: Path, header: dict, summary: dict, json_path: str | None = None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    # Rounded once, here: the CSV, details.json and the report then hold the same figures, so a report
-    # re-rendered from the CSV prints what the first did (rounding twice moved a last digit).
+    # Rounded once, here, to results.json's 3 decimals: results.json, the CSV, details.json and the report
+    # then hold the same figures, and a report re-rendered from the CSV prints what the first did
+    # (a figure rounded twice, to 4 decimals and then to 3 or 2, can move its last digit).
     summary = {**summary, "rows": [_rounded(r) for r in summary["rows"]],
                "segments": [_rounded(s) for s in summary["segments"]]}
     written = []
@@ -53,8 +54,8 @@ def _write_csv(path: Path, rows: list[dict], keys) -> Path:
 
 
 def _rounded(row: dict) -> dict:
-    """``row`` with its floats to 4 decimals, the precision results.csv keeps."""
-    return {k: (round(float(v), 4) if isinstance(v, float) else v) for k, v in row.items()}
+    """``row`` with its floats to 3 decimals, the precision every output of a run keeps."""
+    return {k: (round(float(v), 3) if isinstance(v, float) else v) for k, v in row.items()}
 
 
 def _fmt(x, digits=2, suffix="") -> str:
