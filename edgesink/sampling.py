@@ -112,6 +112,7 @@ class Sampler:
         # without copying the vocabulary into llama.cpp's token array: a served step's largest cost in Python.
         self._argmax_only = params.temperature == 0 and not penalized and grammar is None
         self._data: np.ndarray | None = None  # llama.cpp's token array, made on first use and reused
+        self._ids: np.ndarray | None = None  # 0..n-1, copied into the array before each use
         self._chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         add = lambda s: C.llama_sampler_chain_add(self._chain, s)  # noqa: E731  (the chain then owns s)
         if grammar is not None:
@@ -149,8 +150,9 @@ class Sampler:
             return token
         if self._data is None or len(self._data) != n:
             self._data = np.empty(n, dtype=_TOKEN_DATA)
+            self._ids = np.arange(n, dtype=np.int32)
         data = self._data
-        data["id"] = np.arange(n, dtype=np.int32)  # every time: the samplers may have reordered the array
+        data["id"] = self._ids  # copied in every time: the samplers may have reordered the array
         data["logit"] = logits
         data["p"] = 0.0
         array = C.llama_token_data_array(data=data.ctypes.data_as(C.llama_token_data_p), size=n,

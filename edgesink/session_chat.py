@@ -22,8 +22,6 @@ class ChatMethods:
     :class:`Chat` or None), ``_lock``, ``reset``, ``cache`` and ``_tokens_seen``.
     """
 
-    # -- chat ----------------------------------------------------------------------------------
-
     @exclusive
     def start_chat(self, system: str | None = None, *, keep_system: bool = True, template: str | None = None,
                    continue_stream: bool = False) -> None:

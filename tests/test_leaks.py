@@ -25,8 +25,10 @@ from edgesink import GenerationChunk, Session
 from edgesink.kvcache import deferred_interrupt
 from test_policies_property import check_real_cache
 
-SESSION_CYCLES = int(os.environ.get("EDGESINK_SESSION_CYCLES", "1000"))
-MODEL_CYCLES = int(os.environ.get("EDGESINK_MODEL_CYCLES", "100"))
+# Enough cycles that a leak of one context per cycle (its KV cache alone is 1.5 MB at n_ctx 64), or of
+# 40 KB per cycle, shows far above the 16 MB allowed; more cycles (the env) look for smaller leaks.
+SESSION_CYCLES = int(os.environ.get("EDGESINK_SESSION_CYCLES", "450"))
+MODEL_CYCLES = int(os.environ.get("EDGESINK_MODEL_CYCLES", "50"))
 
 
 def memory() -> dict:
@@ -55,7 +57,7 @@ def run_cycles(n: int, cycle, label: str) -> None:
     assert end["anon_mb"] - warm["anon_mb"] < 16
 
 
-@pytest.mark.slow  # about 35 s here
+@pytest.mark.slow  # about 18 s here
 def test_session_create_close_cycles_do_not_leak(model):
     def cycle(i):
         with model.session(n_ctx=64, n_threads=1) as s:
@@ -63,7 +65,7 @@ def test_session_create_close_cycles_do_not_leak(model):
     run_cycles(SESSION_CYCLES, cycle, "session create/feed/close")
 
 
-@pytest.mark.slow  # about 20 s here
+@pytest.mark.slow  # about 10 s here
 def test_model_load_close_cycles_do_not_leak(model_path):
     def cycle(i):
         m = edgesink.load(model_path)

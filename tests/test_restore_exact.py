@@ -117,11 +117,15 @@ def test_load_into_a_live_session_is_exact(model, prose_tokens, tmp_path):
     a.close(), other.close()
 
 
-@pytest.mark.slow(seconds=70)  # long streams through large caches (2048: about 30 s, 4096: 70 s)
-@pytest.mark.parametrize("n_ctx", [2048, 4096])
-def test_restore_is_exact_in_large_caches(model, prose_tokens, tmp_path, n_ctx):
-    a, b = save_and_restore(model, prose_tokens[:n_ctx + 301], tmp_path, n_ctx=n_ctx)
-    check_continuation(a, b, prose_tokens[n_ctx + 301:n_ctx + 301 + 300], n_generate=20)
+@pytest.mark.slow(seconds=45)  # 2,150 tokens through a 2048-cell cache, then more in both sessions
+def test_restore_is_exact_in_a_large_cache(model, prose_tokens, tmp_path):
+    """The sizes above, up to 512, cross llama.cpp's 256-cell padding; here a state 4x larger, the
+    largest n_ctx at which a restore once differed. Evictions before the save and after it; most of
+    the time is the prefill of the full cache."""
+    n_ctx = 2048
+    a, b = save_and_restore(model, prose_tokens[:n_ctx + 101], tmp_path, n_ctx=n_ctx)
+    check_continuation(a, b, prose_tokens[n_ctx + 101:n_ctx + 101 + 100], n_generate=20)
+    assert a.stats.evictions > 200
     a.close(), b.close()
 
 

@@ -4,6 +4,10 @@ The isolated build environment holds only what pyproject.toml's [build-system] l
 test that the native build (which fetches the pinned llama.cpp source itself) needs nothing from the
 developer's venv. The wheel is then installed into the fresh venv and used: `edgesink info` and a
 short generate on the default model, run from a neutral folder so the checkout is not on sys.path.
+
+Where ccache is installed, the build compiles through it (CMakeLists.txt hashes paths relative to the
+project folder), so the objects `make setup` compiled are reused: the build is still pip's, in its own
+environment, from the copy; only identical compiler runs are skipped.
 """
 
 from __future__ import annotations
@@ -19,6 +23,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PIN = json.loads((REPO / "native" / "upstream.json").read_text())
+
+
+def _ccache_dir() -> str | None:
+    """The user's ccache folder, read now: the tests' isolated HOME would point ccache at an empty one."""
+    if shutil.which("ccache") is None:
+        return None
+    found = subprocess.run(["ccache", "--get-config", "cache_dir"], capture_output=True, text=True)
+    return found.stdout.strip() or None
+
+
+CCACHE_DIR = _ccache_dir()
 
 
 def _run(args, **kwargs) -> subprocess.CompletedProcess:
@@ -47,6 +62,8 @@ def test_isolated_pip_build_installs_a_working_package(tmp_path, model_path):
     pip = [venv / "bin" / "python", "-m", "pip", "--disable-pip-version-check", "-q"]
     env = dict(os.environ, EDGESINK_CACHE_DIR=str(tmp_path / "sdist-cache"))  # the build fetches the sdist itself
     env.pop("EDGESINK_LIB_PATH", None)
+    if CCACHE_DIR:
+        env["CCACHE_DIR"] = CCACHE_DIR
 
     # The bindings without their own llama.cpp (what `make setup` does), so that only edgesink compiles here.
     sdist = REPO / "native" / ".cache" / PIN["sdist"]
