@@ -77,10 +77,10 @@ class ChatTemplate:
         deadline = time.monotonic() + MAX_RENDER_SECONDS
         parts, size = [], 0
         self._env.begin_render()
+        output = self._template.generate(messages=messages, add_generation_prompt=add_generation_prompt, **self._extra)
         try:
             with time_limit(MAX_RENDER_SECONDS):  # also stops loops and macros that produce no output
-                for part in self._template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                    **self._extra):
+                for part in output:
                     parts.append(part)
                     size += len(part)
                     if size > MAX_RENDER_CHARS or time.monotonic() > deadline:
@@ -95,6 +95,11 @@ class ChatTemplate:
             raise TemplateRenderError("the chat template ran away (out of memory); refusing it") from e
         except Exception as e:  # the sandbox's SecurityError, template bugs, raise_exception()
             raise TemplateRenderError(f"the chat template failed: {e}") from e
+        finally:
+            # Closed here, after the time limit ends: a refused template's generator closed under it (when
+            # the loop above let go of it), past its deadline, raised in jinja's cleanup, which Python
+            # can only print to stderr ("Exception ignored in ...").
+            output.close()
         return "".join(parts)
 
 

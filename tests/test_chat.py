@@ -182,3 +182,29 @@ def test_template_sandbox_refuses_unsafe_and_runaway_templates():
         ChatTemplate("{{ raise_exception('no') }}").render(messages, True)
     with pytest.raises(TemplateRenderError, match="does not parse"):
         ChatTemplate("{% for %}")
+
+
+def test_a_refused_template_is_closed_after_its_time_limit_ends(monkeypatch):
+    """A template refused for its output is closed once tracing has stopped. Closed under the time
+    limit past its deadline (as happened on a loaded machine), jinja's cleanup raised, and Python
+    could only print that to stderr."""
+    import sys
+
+    import edgesink.chat
+
+    template = ChatTemplate("{% for i in range(99999) %}{{ i }}{% endfor %}")
+    real_generate = template._template.generate
+    tracer_at_close = []
+
+    def generate(**context):
+        try:
+            yield from real_generate(**context)
+        finally:
+            tracer_at_close.append(sys.gettrace())
+
+    monkeypatch.setattr(template._template, "generate", generate)
+    monkeypatch.setattr(edgesink.chat, "MAX_RENDER_CHARS", 100)
+    tracer_before = sys.gettrace()  # a debugger's or coverage's, if any: the render restores it
+    with pytest.raises(TemplateRenderError, match="ran away"):
+        template.render([{"role": "user", "content": "hi"}], True)
+    assert tracer_at_close == [tracer_before]
